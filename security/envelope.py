@@ -1,0 +1,175 @@
+"""Signed message envelopes.
+
+Every message carries headers naming its sender and a signature over
+``subject, sha256(payload), timestamp, nonce, sha256(token)``. The receiver refuses
+bad signatures, timestamps outside the freshness window and nonces it has seen.
+
+The replay cache is bounded: when it is full, the oldest nonce is evicted and the
+oldest acceptable timestamp moves up past it (a "watermark"), so an evicted nonce
+can never be replayed; under extreme load the effective window shrinks instead of
+memory growing or replays getting through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from security.encoding import b64url_decode, b64url_encode
+from security.errors import (
+    EnvelopeBadSignature,
+    EnvelopeMalformed,
+    EnvelopeReplayed,
+    EnvelopeStale,
+    EnvelopeUnknownSender,
+)
+from security.keys import KeyRing, SigningKey
+
+DOMAIN = b"mas-envelope/1"
+H_SENDER = "Mas-Sender"
+H_KID = "Mas-Kid"
+H_TS = "Mas-Ts"
+H_NONCE = "Mas-Nonce"
+H_SIG = "Mas-Sig"
+H_TOKEN = "Mas-Token"  # noqa: S105 (a header name, not a secret)
+DEFAULT_WINDOW_MS = 30_000
+DEFAULT_CACHE_SIZE = 200_000
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+
+class EnvelopeHeaders(BaseModel):
+    """The envelope as it travels in message headers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    sender: Annotated[str, Field(alias=H_SENDER, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+    kid: Annotated[str, Field(alias=H_KID, pattern=r"^[0-9a-f]{16}$")]
+    ts: Annotated[str, Field(alias=H_TS, pattern=r"^[0-9]{1,15}$")]
+    nonce: Annotated[str, Field(alias=H_NONCE, pattern=r"^[A-Za-z0-9_\-]{16,32}$")]
+    sig: Annotated[str, Field(alias=H_SIG, min_length=86, max_length=86)]
+    token: Annotated[str | None, Field(alias=H_TOKEN, max_length=4096)] = None
+
+    def to_headers(self) -> dict[str, str]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class VerifiedEnvelope(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    sender: str
+    ts_ms: int
+    nonce: str
+    token: str | None
+
+
+def signing_bytes(
+    subject: str, payload: bytes, ts_ms: int, nonce: str, token: str | None
+) -> bytes:
+    token_hash = hashlib.sha256(token.encode()).digest() if token else _EMPTY_SHA256
+    return b"\n".join(
+        (
+            DOMAIN,
+            subject.encode("utf-8"),
+            hashlib.sha256(payload).digest().hex().encode("ascii"),
+            str(ts_ms).encode("ascii"),
+            nonce.encode("ascii"),
+            token_hash.hex().encode("ascii"),
+        )
+    )
+
+
+class EnvelopeSigner:
+    def __init__(self, identity: str, key: SigningKey) -> None:
+        self.identity = identity
+        self.key = key
+
+    def seal(
+        self, subject: str, payload: bytes, *, token: str | None = None, ts_ms: int | None = None
+    ) -> dict[str, str]:
+        ts = int(time.time() * 1000) if ts_ms is None else ts_ms
+        nonce = b64url_encode(os.urandom(16))
+        sig = self.key.sign(signing_bytes(subject, payload, ts, nonce, token))
+        headers = {
+            H_SENDER: self.identity,
+            H_KID: self.key.kid,
+            H_TS: str(ts),
+            H_NONCE: nonce,
+            H_SIG: b64url_encode(sig),
+        }
+        if token is not None:
+            headers[H_TOKEN] = token
+        return headers
+
+
+class NonceCache:
+    """Seen nonces within the freshness window, bounded in size (see module docstring)."""
+
+    def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
+        self.max_entries = max_entries
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self.watermark_ms = 0
+
+    def check_and_add(self, sender: str, nonce: str, ts_ms: int, oldest_ok_ms: int) -> None:
+        """Record a nonce or raise if it was seen. ``oldest_ok_ms``: the window's lower edge."""
+        while self._seen and next(iter(self._seen.values())) < oldest_ok_ms:
+            self._seen.popitem(last=False)
+        if ts_ms <= self.watermark_ms:
+            raise EnvelopeStale("timestamp is older than the replay cache can vouch for")
+        key = (sender, nonce)
+        if key in self._seen:
+            raise EnvelopeReplayed(f"nonce from {sender} was already used")
+        self._seen[key] = ts_ms
+        if len(self._seen) > self.max_entries:
+            _, evicted_ts = self._seen.popitem(last=False)
+            self.watermark_ms = max(self.watermark_ms, evicted_ts)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class EnvelopeVerifier:
+    """Checks envelopes from known senders. ``senders`` maps identity to its trusted keys."""
+
+    def __init__(
+        self,
+        senders: Mapping[str, KeyRing],
+        *,
+        window_ms: int = DEFAULT_WINDOW_MS,
+        nonces: NonceCache | None = None,
+    ) -> None:
+        self.senders = senders
+        self.window_ms = window_ms
+        self.nonces = nonces if nonces is not None else NonceCache()
+
+    def open(
+        self, subject: str, payload: bytes, headers: Mapping[str, str] | None
+    ) -> VerifiedEnvelope:
+        try:
+            env = EnvelopeHeaders.model_validate(dict(headers or {}))
+        except ValidationError as exc:
+            missing = sorted({str(e["loc"][0]) for e in exc.errors()})
+            raise EnvelopeMalformed(f"envelope headers missing or invalid: {missing}") from exc
+        ring = self.senders.get(env.sender)
+        if ring is None:
+            raise EnvelopeUnknownSender(f"sender {env.sender!r} is not known")
+        key = ring.get(env.kid)
+        if key is None:
+            raise EnvelopeUnknownSender(f"key {env.kid} is not trusted for {env.sender!r}")
+        try:
+            sig = b64url_decode(env.sig)
+        except ValueError as exc:
+            raise EnvelopeMalformed("signature is not base64url") from exc
+        ts = int(env.ts)
+        if not key.verify(signing_bytes(subject, payload, ts, env.nonce, env.token), sig):
+            raise EnvelopeBadSignature(f"signature from {env.sender!r} does not match")
+        now = int(time.time() * 1000)
+        if abs(now - ts) > self.window_ms:
+            raise EnvelopeStale(f"timestamp {ts} is {now - ts} ms from now")
+        self.nonces.check_and_add(env.sender, env.nonce, ts, now - self.window_ms)
+        return VerifiedEnvelope(sender=env.sender, ts_ms=ts, nonce=env.nonce, token=env.token)
