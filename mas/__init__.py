@@ -1,0 +1,1 @@
+"""The `mas` command: composes the security, broker and orchestrator layers for operators."""

@@ -1,0 +1,194 @@
+"""Connect to the broker as one identity and exchange signed messages.
+
+Every outgoing message gets an envelope (``security.envelope``) and a ``traceparent``;
+every incoming one is verified before a handler sees it. Permission violations, which
+nats-server reports asynchronously without closing the connection, become structured
+log events and are kept (bounded) on ``BrokerClient.violations``.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import BaseModel
+
+from broker import subjects as subj
+from broker import tracecontext
+from broker.errors import BrokerError
+from broker.secrets import IdentityMaterial
+from security.envelope import EnvelopeSigner, EnvelopeVerifier, NonceCache
+from security.errors import EnvelopeError
+
+log = structlog.get_logger("mas.broker")
+
+_VIOLATION = re.compile(
+    r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE
+)
+
+
+@dataclass(frozen=True)
+class PermissionViolation:
+    identity: str
+    operation: str
+    subject: str
+
+
+@dataclass(frozen=True)
+class SignedMessage:
+    """A message whose envelope verified: ``sender`` is authenticated."""
+
+    subject: str
+    data: bytes
+    sender: str
+    token: str | None
+    trace_id: str | None
+    reply: str | None
+
+
+Payload = bytes | BaseModel
+Handler = Callable[[SignedMessage], Awaitable[None]]
+RefusalHandler = Callable[[Msg, EnvelopeError], Awaitable[None]]
+
+
+def _bytes(payload: Payload) -> bytes:
+    return payload.model_dump_json().encode() if isinstance(payload, BaseModel) else payload
+
+
+def parse_violation(identity: str, error: Exception) -> PermissionViolation | None:
+    match = _VIOLATION.search(str(error))
+    if not match:
+        return None
+    return PermissionViolation(identity, match.group(1).lower(), match.group(2))
+
+
+def tls_context(material: IdentityMaterial) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(material.ca_cert))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(material.tls_cert), str(material.tls_key))
+    return ctx
+
+
+class BrokerClient:
+    def __init__(self, nc: NATS, material: IdentityMaterial, verifier: EnvelopeVerifier) -> None:
+        self.nc = nc
+        self.material = material
+        self.identity = material.identity
+        self.signer = EnvelopeSigner(material.identity, material.signing_key)
+        self.verifier = verifier
+        self.violations: deque[PermissionViolation] = deque(maxlen=256)
+        self.closing = False
+
+    def _headers(self, subject: str, data: bytes, token: str | None) -> dict[str, str]:
+        return tracecontext.inject(self.signer.seal(subject, data, token=token))
+
+    def open(self, msg: Msg) -> SignedMessage:
+        """Verify ``msg``'s envelope; raises an ``EnvelopeError`` subclass on refusal."""
+        env = self.verifier.open(msg.subject, msg.data, msg.headers)
+        return SignedMessage(
+            subject=msg.subject, data=msg.data, sender=env.sender, token=env.token,
+            trace_id=tracecontext.trace_id(msg.headers), reply=msg.reply or None,
+        )
+
+    async def publish(self, subject: str, payload: Payload, *, token: str | None = None) -> None:
+        data = _bytes(payload)
+        await self.nc.publish(subject, data, headers=self._headers(subject, data, token))
+
+    async def request(
+        self, subject: str, payload: Payload, *, token: str | None = None, timeout: float = 2.0
+    ) -> SignedMessage:
+        data = _bytes(payload)
+        reply = await self.nc.request(subject, data, timeout=timeout,
+                                      headers=self._headers(subject, data, token))
+        return self.open(reply)
+
+    async def respond(self, request: SignedMessage, payload: Payload) -> None:
+        if request.reply is None:
+            raise BrokerError(f"message on {request.subject} expects no reply")
+        await self.publish(request.reply, payload)
+
+    async def subscribe(
+        self, subject: str, handler: Handler, *, queue: str = "",
+        on_refused: RefusalHandler | None = None,
+    ) -> Subscription:
+        async def deliver(msg: Msg) -> None:
+            try:
+                signed = self.open(msg)
+            except EnvelopeError as exc:
+                log.warning("broker.envelope_refused", identity=self.identity,
+                            subject=msg.subject, code=exc.code, reason=str(exc))
+                if on_refused is not None:
+                    await on_refused(msg, exc)
+                return
+            await handler(signed)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=deliver)
+
+    async def close(self) -> None:
+        self.closing = True
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(
+    material: IdentityMaterial,
+    servers: str | list[str],
+    *,
+    name: str | None = None,
+    connect_timeout: float = 2.0,
+    max_reconnect_attempts: int = -1,
+    nonces: NonceCache | None = None,
+) -> BrokerClient:
+    """Connect as ``material.identity`` with its nkey, client certificate and inbox prefix."""
+    verifier = EnvelopeVerifier(material.trust.sender_rings(), nonces=nonces)
+    holder: list[BrokerClient] = []
+
+    async def error_cb(error: Exception) -> None:
+        violation = parse_violation(material.identity, error)
+        if violation is not None:
+            if holder:
+                holder[0].violations.append(violation)
+            log.warning("broker.permission_violation", identity=violation.identity,
+                        operation=violation.operation, subject=violation.subject)
+        else:
+            log.warning("broker.error", identity=material.identity, error=str(error))
+
+    async def disconnected_cb() -> None:
+        if not (holder and holder[0].closing):
+            log.warning("broker.disconnected", identity=material.identity)
+
+    async def reconnected_cb() -> None:
+        log.info("broker.reconnected", identity=material.identity)
+
+    nc = NATS()
+    try:
+        await nc.connect(
+            servers=servers,
+            name=name or material.identity,
+            tls=tls_context(material),
+            nkeys_seed_str=material.nkey_seed,
+            inbox_prefix=subj.inbox_prefix(material.identity),
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            connect_timeout=int(max(1, connect_timeout)),
+            allow_reconnect=True,
+            max_reconnect_attempts=max_reconnect_attempts,
+            reconnect_time_wait=1,
+        )
+    except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
+        raise BrokerError(
+            f"cannot connect to {servers} as {material.identity}: {exc or type(exc).__name__}; "
+            "is the broker running (`mas up`) and were secrets made by `mas init`?"
+        ) from exc
+    client = BrokerClient(nc, material, verifier)
+    holder.append(client)
+    return client

@@ -1,0 +1,149 @@
+"""Effective broker permissions of every identity, derived from the policy.
+
+This is the one place that decides who may publish and subscribe to what; the
+compiler renders it into nats-server.conf and ``mas policy show`` prints it.
+JetStream access is spelled out per stream, never as ``$JS.API.>``: that grant would
+open every bucket (see ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker import subjects as subj
+from broker.policy import Agent, Policy
+
+API = "$JS.API"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    identity: str
+    role: str
+    publish_allow: tuple[str, ...]
+    subscribe_allow: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    allow_responses: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+def _stream_read(stream: str) -> list[str]:
+    """Read a stream through consumers and direct gets; no delete, purge or update."""
+    return [
+        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.>",
+        f"{API}.CONSUMER.INFO.{stream}.*",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{API}.DIRECT.GET.{stream}",
+        f"{API}.DIRECT.GET.{stream}.>",
+        f"{API}.STREAM.MSG.GET.{stream}",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _kv_read(bucket: str) -> list[str]:
+    return _stream_read(f"KV_{bucket}")
+
+
+def _kv_write(bucket: str) -> list[str]:
+    stream = f"KV_{bucket}"
+    return [
+        *_kv_read(bucket),
+        f"$KV.{bucket}.>",
+        f"{API}.STREAM.CREATE.{stream}",
+        f"{API}.CONSUMER.DELETE.{stream}.*",
+    ]
+
+
+def _audit_write() -> list[str]:
+    s = subj.AUDIT_STREAM
+    return [
+        subj.AUDIT_SUBJECTS,
+        f"{API}.STREAM.CREATE.{s}",
+        f"{API}.STREAM.UPDATE.{s}",
+        *_stream_read(s),
+    ]
+
+
+AUDIT_DENY = (
+    f"{API}.STREAM.DELETE.{subj.AUDIT_STREAM}",
+    f"{API}.STREAM.PURGE.{subj.AUDIT_STREAM}",
+    f"{API}.STREAM.MSG.DELETE.{subj.AUDIT_STREAM}",
+)
+
+
+def agent_permissions(name: str, agent: Agent) -> Permissions:
+    publish = [
+        subj.events(name),
+        subj.heartbeat(name),
+        subj.REGISTER,
+        subj.TOKEN_REQUEST,
+        subj.APPROVAL_REQUEST,
+        *agent.publish,
+        *_kv_read(subj.REVOCATIONS_BUCKET),
+    ]
+    subscribe = [subj.commands(name), f"{subj.inbox_prefix(name)}.>", *agent.subscribe]
+    notes = ["revocations: read-only"]
+    if agent.state:
+        publish += _kv_write(subj.kv_bucket(name))
+        notes.append(f"KV bucket {subj.kv_bucket(name)}: read/write")
+    if "audit" in agent.read_streams:
+        publish += _stream_read(subj.AUDIT_STREAM)
+        notes.append(f"stream {subj.AUDIT_STREAM}: read-only")
+    return Permissions(
+        identity=name,
+        role=f"agent ({agent.kind.value}, {agent.tier.value})",
+        publish_allow=tuple(dict.fromkeys(publish)),
+        subscribe_allow=tuple(dict.fromkeys(subscribe)),
+        allow_responses=True,
+        notes=tuple(notes),
+    )
+
+
+def service_permissions(name: str) -> Permissions:
+    inbox = f"{subj.inbox_prefix(name)}.>"
+    if name == "orchestrator":
+        buckets = (subj.APPROVALS_BUCKET, subj.WORKFLOWS_BUCKET, subj.REVOCATIONS_BUCKET)
+        publish = ["mas.agent.>", "mas.control.>", *_audit_write()]
+        for bucket in buckets:
+            publish += _kv_write(bucket)
+        return Permissions(
+            identity=name,
+            role="orchestrator",
+            publish_allow=tuple(dict.fromkeys(publish)),
+            subscribe_allow=(
+                "mas.orch.>", "mas.admin.>", "mas.event.>", "mas.alert.>", "mas.heartbeat.>",
+                inbox,
+            ),
+            publish_deny=AUDIT_DENY,
+            allow_responses=True,
+            notes=(f"KV {', '.join(buckets)}: read/write", f"stream {subj.AUDIT_STREAM}: append"),
+        )
+    if name == "control":
+        return Permissions(
+            identity=name,
+            role="control",
+            publish_allow=("mas.event.control.>",),
+            subscribe_allow=("mas.control.>", inbox),
+            allow_responses=True,
+        )
+    if name == "operator":
+        buckets = (subj.APPROVALS_BUCKET, subj.WORKFLOWS_BUCKET, subj.REVOCATIONS_BUCKET)
+        publish = ["mas.admin.>", *_stream_read(subj.AUDIT_STREAM)]
+        for bucket in buckets:
+            publish += _kv_read(bucket)
+        return Permissions(
+            identity=name,
+            role="operator",
+            publish_allow=tuple(dict.fromkeys(publish)),
+            subscribe_allow=("mas.alert.>", "mas.event.>", "mas.heartbeat.>", inbox),
+            notes=(f"KV {', '.join(buckets)}: read-only", f"stream {subj.AUDIT_STREAM}: read-only"),
+        )
+    raise ValueError(f"unknown service {name!r}")
+
+
+def all_permissions(policy: Policy) -> list[Permissions]:
+    services = [service_permissions(n) for n in ("orchestrator", "control", "operator")]
+    return services + [agent_permissions(n, a) for n, a in policy.agents.items()]

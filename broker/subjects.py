@@ -1,0 +1,89 @@
+"""NATS subject patterns and the platform's subject conventions.
+
+Patterns follow NATS: tokens split on ``.``, ``*`` matches one token, ``>`` one or
+more trailing tokens.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-$]+$")
+
+AUDIT_STREAM = "MAS_AUDIT"
+AUDIT_SUBJECTS = "mas.audit.>"
+APPROVALS_BUCKET = "mas_approvals"
+WORKFLOWS_BUCKET = "mas_workflows"
+REVOCATIONS_BUCKET = "mas_revocations"
+TOKEN_REQUEST = "mas.orch.token.request"  # noqa: S105 (a subject)
+APPROVAL_REQUEST = "mas.orch.approval.request"
+REGISTER = "mas.orch.register"
+
+
+def command(agent: str, action: str) -> str:
+    return f"mas.agent.{agent}.{action}"
+
+
+def commands(agent: str) -> str:
+    return f"mas.agent.{agent}.>"
+
+
+def events(agent: str) -> str:
+    return f"mas.event.{agent}.>"
+
+
+def heartbeat(agent: str) -> str:
+    return f"mas.heartbeat.{agent}"
+
+
+def inbox_prefix(identity: str) -> str:
+    return f"_INBOX_{identity}"
+
+
+def kv_bucket(agent: str) -> str:
+    return f"agent_{agent}"
+
+
+def validate_pattern(subject: str) -> str | None:
+    """Return why ``subject`` is not a valid NATS subject pattern, or None if it is."""
+    if not subject or len(subject) > 256:
+        return "must be 1 to 256 characters"
+    tokens = subject.split(".")
+    for i, tok in enumerate(tokens):
+        if tok == ">":
+            if i != len(tokens) - 1:
+                return "'>' may only be the last token"
+        elif tok != "*" and not _TOKEN.match(tok):
+            return f"token {tok!r} has characters NATS subjects do not allow"
+    return None
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True if some concrete subject matches both patterns."""
+    ta, tb = a.split("."), b.split(".")
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">" or y == ">":
+            return x is not None and y is not None
+        if x is None or y is None:
+            return False
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
+
+
+def within(inner: str, outer: str) -> bool:
+    """True if every subject matched by ``inner`` is also matched by ``outer``."""
+    ti, to = inner.split("."), outer.split(".")
+    for i, o in enumerate(to):
+        if o == ">":
+            return len(ti) > i
+        if i >= len(ti):
+            return False
+        if o == "*":
+            if ti[i] == ">":
+                return False
+        elif ti[i] != o:
+            return False
+    return len(ti) == len(to)

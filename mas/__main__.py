@@ -1,0 +1,3 @@
+from mas.cli import main
+
+main()

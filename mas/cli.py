@@ -1,0 +1,223 @@
+"""The `mas` command line. Typed errors become one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker import connection
+from broker.compiler import compile_config, drift
+from broker.errors import BrokerError, ServerError
+from broker.permissions import all_permissions
+from broker.secrets import init_secrets, load_identity
+from broker.server import NatsServer
+from mas.project import Project, find_project
+from security.errors import SecurityError
+
+app = typer.Typer(help="Multi-Agent Assistant: a security-first agent platform on NATS.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+policy_app = typer.Typer(help="Compile and inspect the central policy.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+out = Console(highlight=False, soft_wrap=True)
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
+]
+
+
+def _configure_logging() -> None:
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    # asyncio warns on every TLS close that nats-py's protocol handles; it is not actionable.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
+                    renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+@app.command()
+def init(
+    root: RootOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace every key and certificate.")
+    ] = False,
+) -> None:
+    """Create the CA, certificates, nkeys and signing keys this install needs (idempotent)."""
+    project = find_project(root)
+    report = init_secrets(project.policy(), project.secrets, force=force)
+    where = project.secrets.root
+    if report.created:
+        out.print(f"created {len(report.created)} secret files in {where} (0600), "
+                  f"kept {len(report.kept)}")
+    else:
+        out.print(f"all {len(report.kept)} secret files present and valid in {where}")
+
+
+@policy_app.command("compile")
+def policy_compile(
+    root: RootOption = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 if nats-server.conf is stale.")
+    ] = False,
+) -> None:
+    """Write nats-server.conf from policy.yaml (or, with --check, say whether it is current)."""
+    project = find_project(root)
+    policy = project.policy()
+    if check:
+        difference = drift(policy, project.config_path)
+        if difference is None:
+            out.print(f"{project.config_path.name} is current with policy.yaml")
+            return
+        typer.echo(f"mas: {project.config_path.name} is stale; run `mas policy compile`:\n"
+                   f"{difference}", err=True)
+        raise typer.Exit(1)
+    text = compile_config(policy)
+    previous = project.config_path.read_text() if project.config_path.exists() else None
+    project.config_path.write_text(text)
+    state = "unchanged" if previous == text else "written"
+    out.print(f"{project.config_path} {state} ({len(policy.identities())} identities)")
+
+
+@policy_app.command("show")
+def policy_show(
+    identity: Annotated[str | None, typer.Argument(help="Only this identity.")] = None,
+    root: RootOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Who may do what: each identity's effective publish and subscribe grants."""
+    project = find_project(root)
+    policy = project.policy()
+    perms = all_permissions(policy)
+    if identity is not None:
+        perms = [p for p in perms if p.identity == identity]
+        if not perms:
+            raise BrokerError(f"no identity {identity!r} in policy.yaml; "
+                              f"known: {', '.join(policy.identities())}")
+    if as_json:
+        typer.echo(json.dumps([
+            {"identity": p.identity, "role": p.role, "publish": list(p.publish_allow),
+             "publish_deny": list(p.publish_deny), "subscribe": list(p.subscribe_allow),
+             "reply_to_requests": p.allow_responses, "notes": list(p.notes),
+             "actions": ({n: {"sensitive": a.sensitive, "description": a.description}
+                          for n, a in policy.agents[p.identity].actions.items()}
+                         if p.identity in policy.agents else {})}
+            for p in perms], indent=2))
+        return
+    table = Table(title="Who may do what (everything else is denied)", show_lines=True)
+    for column in ("identity", "role", "publish", "subscribe", "also"):
+        table.add_column(column, overflow="fold")
+    for p in perms:
+        publish = [s for s in p.publish_allow if not s.startswith("$")]
+        also = [*p.notes]
+        if p.allow_responses:
+            also.append("replies to requests it receives")
+        also += [f"denied: {s}" for s in p.publish_deny]
+        if p.identity in policy.agents:
+            agent = policy.agents[p.identity]
+            also += [f"action {n}{' (SENSITIVE)' if a.sensitive else ''}"
+                     for n, a in agent.actions.items()]
+            if agent.egress:
+                also.append(f"egress: {', '.join(agent.egress)}")
+        table.add_row(p.identity, p.role, "\n".join(publish), "\n".join(p.subscribe_allow),
+                      "\n".join(also))
+    out.print(table)
+
+
+def _pid_file(project: Project) -> Path:
+    return project.data_dir / "mas-up.pid"
+
+
+def _already_running(project: Project) -> int | None:
+    path = _pid_file(project)
+    try:
+        pid = int(path.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+async def _probe(project: Project, url: str) -> None:
+    client = await connection.connect(load_identity(project.secrets, "operator"), url,
+                                      max_reconnect_attempts=0)
+    await client.nc.flush(timeout=5)
+    await client.close()
+
+
+@app.command()
+def up(
+    root: RootOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 20.0,
+) -> None:
+    """Start the broker in the foreground with the compiled config; Ctrl-C stops it."""
+    project = find_project(root)
+    policy = project.policy()
+    if drift(policy, project.config_path) is not None:
+        raise BrokerError("nats-server.conf is stale or missing; run `mas policy compile`")
+    for identity in policy.identities():
+        load_identity(project.secrets, identity)
+    running = _already_running(project)
+    if running is not None:
+        raise ServerError(f"mas up is already running here (pid {running}); stop it first")
+    server = NatsServer(config=project.config_path, cwd=project.root,
+                        log_file=project.data_dir / "logs" / "nats-server.log")
+    server.check_config()
+    _pid_file(project).parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(project).write_text(f"{os.getpid()}\n")
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        server.start()
+        server.wait_ready(policy.broker.monitor, timeout=timeout)
+        url = f"tls://{policy.broker.listen}"
+        asyncio.run(_probe(project, url))
+        out.print(f"broker ready at {url} (mutual TLS 1.3, {len(policy.identities())} identities); "
+                  f"monitoring on http://{policy.broker.monitor}; log {server.log_file}")
+        out.print("Local mode: processes share this machine; container isolation does not apply. "
+                  "Press Ctrl-C to stop.")
+        while not stop_requested:
+            if server.process is not None and server.process.poll() is not None:
+                raise ServerError(f"nats-server stopped unexpectedly: {server.last_error()}")
+            time.sleep(0.2)
+    finally:
+        code = server.stop()
+        _pid_file(project).unlink(missing_ok=True)
+    out.print(f"broker stopped (exit code {code})")
+
+
+def main() -> None:
+    _configure_logging()
+    try:
+        app()
+    except (BrokerError, SecurityError) as exc:
+        typer.echo(f"mas: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("mas: interrupted", err=True)
+        sys.exit(130)
