@@ -146,4 +146,5 @@ def service_permissions(name: str) -> Permissions:
 
 def all_permissions(policy: Policy) -> list[Permissions]:
     services = [service_permissions(n) for n in ("orchestrator", "control", "operator")]
-    return services + [agent_permissions(n, a) for n, a in policy.agents.items()]
+    agents = [agent_permissions(n, policy.agents[n]) for n in sorted(policy.agents)]
+    return services + agents

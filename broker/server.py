@@ -43,14 +43,15 @@ def server_version() -> str:
 
 @dataclass
 class NatsServer:
-    """One nats-server process. Ports and store dir may be overridden (tests run many)."""
+    """One nats-server process. Ports may be overridden (tests run several); the JetStream
+    store dir comes from the config, relative to ``cwd`` (nats-server refuses ``-sd`` when
+    the config sets one)."""
 
     config: Path
     cwd: Path
     log_file: Path
     port: int | None = None
     http_port: int | None = None
-    store_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def command(self) -> list[str]:
@@ -59,8 +60,6 @@ class NatsServer:
             cmd += ["-p", str(self.port)]
         if self.http_port is not None:
             cmd += ["-m", str(self.http_port)]
-        if self.store_dir is not None:
-            cmd += ["-sd", str(self.store_dir)]
         return cmd
 
     def check_config(self) -> None:

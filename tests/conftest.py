@@ -1,0 +1,131 @@
+"""Fixtures: a throwaway project (committed policy, fresh secrets, compiled config) and a
+real nats-server running that config with real mutual TLS, on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker import connection
+from broker.compiler import compile_config
+from broker.secrets import SecretsLayout, init_secrets, load_identity
+from broker.server import NatsServer
+from mas.project import Project
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """A project folder with the repository's policy, its own secrets and compiled config."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
+    proj = Project(root)
+    policy = proj.policy()
+    init_secrets(policy, proj.secrets)
+    proj.config_path.write_text(compile_config(policy))
+    return proj
+
+
+class RunningBroker:
+    def __init__(self, server: NatsServer, project: Project) -> None:
+        self.server = server
+        self.project = project
+        self.url = f"tls://127.0.0.1:{server.port}"
+
+    @property
+    def secrets(self) -> SecretsLayout:
+        return self.project.secrets
+
+    def log(self) -> str:
+        return self.server.log_text()
+
+    async def wait_for_log(self, needle: str, timeout: float = 3.0) -> str:
+        """The first server log line containing ``needle``; fails the test if none appears."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for line in self.log().splitlines():
+                if needle in line:
+                    return line
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"no server log line contains {needle!r}")
+            await asyncio.sleep(0.05)
+
+
+def start_broker(project: Project, workdir: Path) -> NatsServer:
+    server = NatsServer(
+        config=project.config_path,
+        cwd=project.root,
+        log_file=workdir / "nats-server.log",
+        port=free_port(),
+        http_port=free_port(),
+    )
+    server.check_config()
+    server.start()
+    server.wait_ready(project.policy().broker.monitor)
+    return server
+
+
+@pytest.fixture(scope="session")
+def broker(project: Project, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
+    server = start_broker(project, tmp_path_factory.mktemp("broker"))
+    try:
+        yield RunningBroker(server, project)
+    finally:
+        server.stop()
+
+
+ConnectAs = Callable[[str], Awaitable[connection.BrokerClient]]
+
+
+@pytest.fixture
+async def connect_as(broker: RunningBroker) -> AsyncIterator[ConnectAs]:
+    """Connect as a named identity with its real credentials; closes everything after."""
+    clients: list[connection.BrokerClient] = []
+
+    async def _connect(identity: str) -> connection.BrokerClient:
+        client = await connection.connect(load_identity(broker.secrets, identity), broker.url,
+                                          max_reconnect_attempts=0)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        client.closing = True
+        if not client.nc.is_closed:
+            await client.nc.close()
+
+
+async def wait_for_violation(
+    client: connection.BrokerClient, operation: str, subject: str, timeout: float = 3.0
+) -> connection.PermissionViolation:
+    """The violation the server reported to ``client`` (via error_cb); fails if none arrives."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for v in client.violations:
+            if v.operation == operation and v.subject == subject.lower():
+                return v
+        await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"no {operation} violation for {subject!r} reported to {client.identity}; "
+        f"saw {list(client.violations)}"
+    )
+
+
+async def settle(*clients: connection.BrokerClient) -> None:
+    """Make sure the server has processed every subscription of ``clients`` (flush twice:
+    one flush alone is not enough, see ENVIRONMENT.md)."""
+    for client in clients:
+        await client.nc.flush(timeout=3)
+        await client.nc.flush(timeout=3)
