@@ -50,10 +50,10 @@ class EnvelopeHeaders(BaseModel):
 
     sender: Annotated[str, Field(alias=H_SENDER, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
     kid: Annotated[str, Field(alias=H_KID, pattern=r"^[0-9a-f]{16}$")]
-    ts: Annotated[str, Field(alias=H_TS, pattern=r"^[0-9]{1,15}$")]
+    ts: Annotated[str, Field(alias=H_TS, pattern=r"^(0|[1-9][0-9]{0,14})$")]
     nonce: Annotated[str, Field(alias=H_NONCE, pattern=r"^[A-Za-z0-9_\-]{16,32}$")]
     sig: Annotated[str, Field(alias=H_SIG, min_length=86, max_length=86)]
-    token: Annotated[str | None, Field(alias=H_TOKEN, max_length=4096)] = None
+    token: Annotated[str | None, Field(alias=H_TOKEN, min_length=1, max_length=4096)] = None
 
     def to_headers(self) -> dict[str, str]:
         return self.model_dump(by_alias=True, exclude_none=True)

@@ -180,8 +180,8 @@ class TokenVerifier:
             if cached.kid not in self.trusted:
                 raise TokenUnknownKey(f"key {cached.kid} is no longer trusted")
             return cached
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
-            raise TokenMalformed("token is not a string of at most 4096 characters")
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
+            raise TokenMalformed("token is not an ASCII string of at most 4096 characters")
         parts = token.split(".")
         if len(parts) != 3:
             raise TokenMalformed("token must have three dot-separated parts")
@@ -227,10 +227,14 @@ class TokenVerifier:
         if self.issuer is not None and claims.iss != self.issuer:
             raise TokenUnknownKey(f"issuer {claims.iss!r} is not trusted")
         t = _now() if now is None else now
-        if claims.exp - claims.iat > self.max_lifetime_s or claims.exp <= claims.nbf:
+        # The usable window runs from the earlier of iat and nbf to exp: cap all of it.
+        window = claims.exp - min(claims.iat, claims.nbf)
+        if window > self.max_lifetime_s or claims.exp <= claims.nbf:
             raise TokenLifetimeTooLong(
-                f"token lifetime {claims.exp - claims.iat}s exceeds {self.max_lifetime_s}s"
+                f"token usable for {window}s, more than {self.max_lifetime_s}s"
             )
+        if claims.iat > t + self.leeway_s:
+            raise TokenNotYetValid(f"token issued in the future ({claims.iat}, now {t})")
         if t + self.leeway_s < claims.nbf:
             raise TokenNotYetValid(f"token valid from {claims.nbf}, now {t}")
         if t - self.leeway_s >= claims.exp:
