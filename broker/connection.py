@@ -86,6 +86,7 @@ class BrokerClient:
         self.verifier = verifier
         self.violations: deque[PermissionViolation] = deque(maxlen=256)
         self.closing = False
+        self.reconnects = 0
 
     def _headers(self, subject: str, data: bytes, token: str | None) -> dict[str, str]:
         return tracecontext.inject(self.signer.seal(subject, data, token=token))
@@ -166,6 +167,8 @@ async def connect(
             log.warning("broker.disconnected", identity=material.identity)
 
     async def reconnected_cb() -> None:
+        if holder:
+            holder[0].reconnects += 1
         log.info("broker.reconnected", identity=material.identity)
 
     nc = NATS()
