@@ -72,7 +72,7 @@ class RevocationWatcher:
             kind, _, target = entry.key.partition(".")
             if entry.operation in ("DEL", "PURGE"):
                 if kind in ("jti", "agent"):
-                    self.revocations.lift(kind, target)  # type: ignore[arg-type]
+                    self.revocations.lift(kind, target)
                 continue
             try:
                 self.revocations.apply(Revocation.model_validate_json(entry.value or b""))
