@@ -174,14 +174,14 @@ class TokenVerifier:
         self._cache: OrderedDict[str, CapabilityClaims] = OrderedDict()
 
     def _verify_signature(self, token: str) -> CapabilityClaims:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
+            raise TokenMalformed("token is not an ASCII string of at most 4096 characters")
         cached = self._cache.get(token) if self._cache_size else None
         if cached is not None:
             self._cache.move_to_end(token)
             if cached.kid not in self.trusted:
                 raise TokenUnknownKey(f"key {cached.kid} is no longer trusted")
             return cached
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
-            raise TokenMalformed("token is not an ASCII string of at most 4096 characters")
         parts = token.split(".")
         if len(parts) != 3:
             raise TokenMalformed("token must have three dot-separated parts")
