@@ -62,12 +62,13 @@ def _audit_write() -> list[str]:
     return [
         subj.AUDIT_SUBJECTS,
         f"{API}.STREAM.CREATE.{s}",
-        f"{API}.STREAM.UPDATE.{s}",
         *_stream_read(s),
     ]
 
 
+# UPDATE is denied too: shrinking the stream's limits would discard records like a purge.
 AUDIT_DENY = (
+    f"{API}.STREAM.UPDATE.{subj.AUDIT_STREAM}",
     f"{API}.STREAM.DELETE.{subj.AUDIT_STREAM}",
     f"{API}.STREAM.PURGE.{subj.AUDIT_STREAM}",
     f"{API}.STREAM.MSG.DELETE.{subj.AUDIT_STREAM}",

@@ -7,6 +7,7 @@ hosts, a name used twice) raise ``PolicyError`` naming the line.
 
 from __future__ import annotations
 
+import difflib
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -201,17 +202,42 @@ def _check_agent(name: str, agent: Agent, agents: dict[str, Agent]) -> list[Prob
     return problems
 
 
+def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the model accepts at the mapping that contains ``loc``."""
+    model: type[BaseModel] = Policy
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            if model is Policy or not hasattr(model, "model_fields"):
+                return []
+            continue
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        nested = next((a for a in (annotation, *args)
+                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
 def _format_validation(exc: ValidationError, lines: LineMap, path: Path) -> PolicyError:
-    err = exc.errors()[0]
+    errors = exc.errors()
+    # An unknown key explains a "missing" one (a typo), so report it first.
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        msg = f"{dotted}: unknown key; check the spelling (see policy.yaml's header for the keys)"
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see policy.yaml's header for the keys"
+        msg = f"{dotted}: unknown key; {hint}"
     elif err["type"] == "missing":
         msg = f"{dotted}: required key is missing"
     else:
         msg = f"{dotted}: {err['msg']}"
-    more = len(exc.errors()) - 1
+    more = len(errors) - 1
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
     return PolicyError(msg, path=path, line=lines.line_for(loc))

@@ -75,5 +75,6 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, LineMap]:
                           line=mark.line + 1 if mark else None) from None
     lines = LineMap()
     if node is None:
-        return {}, lines
+        raise PolicyError("the policy is empty; it needs version, services and agents",
+                          path=path, line=1)
     return _construct(node, (), lines, path), lines

@@ -82,6 +82,8 @@ def policy_compile(
     project = find_project(root)
     policy = project.policy()
     if check:
+        if not project.config_path.exists():
+            raise BrokerError(f"{project.config_path} does not exist; run `mas policy compile`")
         difference = drift(policy, project.config_path)
         if difference is None:
             out.print(f"{project.config_path.name} is current with policy.yaml")

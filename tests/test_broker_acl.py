@@ -56,7 +56,8 @@ async def test_agent_serves_its_own_commands(connect_as: ConnectAs, agent: str) 
     await settle(me)
     reply = await orch.request(subj.command(agent, first_action(agent)), b"{}", timeout=3)
     assert (reply.sender, reply.data, seen) == (agent, b"done", ["orchestrator"])
-    assert not me.violations and not orch.violations
+    assert not me.violations
+    assert not orch.violations
 
 
 @pytest.mark.parametrize("agent", AGENTS)
@@ -183,7 +184,8 @@ async def test_revocations_are_readable_but_not_writable(connect_as: ConnectAs, 
     assert (await mine.get(f"jti.{agent}1234")).value == b'{"kind":"jti"}'
     watcher = await mine.watchall()
     first = await watcher.updates(timeout=3)
-    assert first is not None and first.key.startswith("jti.")
+    assert first is not None
+    assert first.key.startswith("jti.")
     await watcher.stop()
     await me.nc.publish(f"$KV.{subj.REVOCATIONS_BUCKET}.jti.{agent}1234", b"")
     await wait_for_violation(me, "publish", f"$KV.{subj.REVOCATIONS_BUCKET}.jti.{agent}1234")
@@ -212,13 +214,21 @@ async def test_nobody_can_delete_or_purge_the_audit_stream(
     for attempt, api in (
         (js.delete_stream(subj.AUDIT_STREAM), f"$JS.API.STREAM.DELETE.{subj.AUDIT_STREAM}"),
         (js.purge_stream(subj.AUDIT_STREAM), f"$JS.API.STREAM.PURGE.{subj.AUDIT_STREAM}"),
-        (js.delete_msg(subj.AUDIT_STREAM, ack.seq), f"$JS.API.STREAM.MSG.DELETE.{subj.AUDIT_STREAM}"),
+        (js.delete_msg(subj.AUDIT_STREAM, ack.seq),
+         f"$JS.API.STREAM.MSG.DELETE.{subj.AUDIT_STREAM}"),
     ):
         with pytest.raises(REFUSED):
             await asyncio.wait_for(attempt, 0.5)
         await wait_for_violation(rogue, "publish", api)
+    shrunk = (await orch_js.stream_info(subj.AUDIT_STREAM)).config
+    shrunk.max_msgs = 1
+    with pytest.raises(REFUSED):
+        await asyncio.wait_for(js.update_stream(shrunk), 0.5)
+    await wait_for_violation(rogue, "publish", f"$JS.API.STREAM.UPDATE.{subj.AUDIT_STREAM}")
     info = await orch_js.stream_info(subj.AUDIT_STREAM)
-    assert info.state.last_seq >= ack.seq and info.state.messages >= 1
+    assert info.state.last_seq >= ack.seq
+    assert info.state.messages >= 1
+    assert info.config.max_msgs != 1
     assert (await orch_js.get_msg(subj.AUDIT_STREAM, ack.seq)).data == b"record"
 
 

@@ -27,7 +27,9 @@ def _ctx(broker: RunningBroker, identity: str = "health", *, cert: bool = True,
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = max_version
     if cert:
-        crt, key = cert_files or (broker.secrets.tls_cert(identity), broker.secrets.tls_key(identity))
+        crt, key = cert_files or (
+            broker.secrets.tls_cert(identity), broker.secrets.tls_key(identity)
+        )
         ctx.load_cert_chain(str(crt), str(key))
     return ctx
 
@@ -43,7 +45,7 @@ async def _try_connect(broker: RunningBroker, **kwargs: object) -> list[Exceptio
     try:
         await nc.connect(servers=[kwargs.pop("url", broker.url)], allow_reconnect=False,
                          connect_timeout=2, error_cb=error_cb, **kwargs)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 (any refusal is what we want to observe)
+    except Exception as exc:
         errors.append(exc)
         return errors
     await nc.close()
@@ -58,7 +60,7 @@ async def test_positive_control_real_credentials_connect(broker: RunningBroker) 
     nc = await nats.connect(servers=[broker.url], tls=_ctx(broker), nkeys_seed_str=_seed(broker),
                             allow_reconnect=False, connect_timeout=2)
     assert nc.is_connected
-    assert nc._server_info.get("tls_required") is True  # noqa: SLF001
+    assert nc._server_info.get("tls_required") is True
     await nc.close()
 
 
@@ -128,7 +130,8 @@ def test_monitoring_and_client_port_listen_on_loopback_only(broker: RunningBroke
         varz = json.loads(resp.read())
     assert varz["http_host"] == "127.0.0.1"
     assert varz["host"] == "127.0.0.1"
-    assert varz["tls_required"] is True and varz["tls_verify"] is True
+    assert varz["tls_required"] is True
+    assert varz["tls_verify"] is True
     assert varz["auth_required"] is True
 
 

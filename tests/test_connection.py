@@ -46,7 +46,7 @@ async def _orchestrator_listening(connect_as: ConnectAs):  # type: ignore[no-unt
 async def test_message_signed_by_one_agent_claiming_to_be_another_is_refused(
     connect_as: ConnectAs,
 ) -> None:
-    orch, rx = await _orchestrator_listening(connect_as)
+    _orch, rx = await _orchestrator_listening(connect_as)
     rogue = await connect_as("health")
     subject = "mas.event.health.alarm"
     headers = EnvelopeSigner("health", rogue.material.signing_key).seal(subject, b"{}")
@@ -60,7 +60,7 @@ async def test_message_signed_by_one_agent_claiming_to_be_another_is_refused(
 
 
 async def test_replayed_message_is_refused(connect_as: ConnectAs) -> None:
-    orch, rx = await _orchestrator_listening(connect_as)
+    _orch, rx = await _orchestrator_listening(connect_as)
     agent = await connect_as("backup")
     subject = "mas.event.backup.late"
     headers = agent.signer.seal(subject, b'{"late": true}')
@@ -73,7 +73,7 @@ async def test_replayed_message_is_refused(connect_as: ConnectAs) -> None:
 
 
 async def test_unsigned_message_is_refused(connect_as: ConnectAs) -> None:
-    orch, rx = await _orchestrator_listening(connect_as)
+    _orch, rx = await _orchestrator_listening(connect_as)
     agent = await connect_as("notify")
     await agent.nc.publish("mas.event.notify.sent", b"{}")
     assert await rx.next_refusal() == "envelope_malformed"
@@ -81,7 +81,7 @@ async def test_unsigned_message_is_refused(connect_as: ConnectAs) -> None:
 
 
 async def test_message_moved_to_another_subject_is_refused(connect_as: ConnectAs) -> None:
-    orch, rx = await _orchestrator_listening(connect_as)
+    _orch, rx = await _orchestrator_listening(connect_as)
     agent = await connect_as("home")
     headers = agent.signer.seal("mas.event.home.door_closed", b"{}")
     await agent.nc.publish("mas.event.home.door_open", b"{}", headers=headers)
@@ -89,7 +89,7 @@ async def test_message_moved_to_another_subject_is_refused(connect_as: ConnectAs
 
 
 async def test_tampered_payload_is_refused(connect_as: ConnectAs) -> None:
-    orch, rx = await _orchestrator_listening(connect_as)
+    _orch, rx = await _orchestrator_listening(connect_as)
     agent = await connect_as("aggregator")
     subject = "mas.event.aggregator.digest"
     headers = agent.signer.seal(subject, b'{"steps": 450}')
@@ -108,8 +108,11 @@ async def test_replies_are_signed_and_carry_the_trace(connect_as: ConnectAs) -> 
     await agent.subscribe("mas.agent.health.daily_summary", handle, queue="health")
     await settle(agent)
     reply = await orch.request("mas.agent.health.daily_summary", b"{}", timeout=3)
-    assert reply.sender == "health" and reply.data == b'{"ok": true}'
-    assert traces and traces[0] is not None and len(traces[0]) == 32
+    assert reply.sender == "health"
+    assert reply.data == b'{"ok": true}'
+    assert traces
+    assert traces[0] is not None
+    assert len(traces[0]) == 32
     assert reply.trace_id is not None
 
 
