@@ -106,7 +106,7 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
 def service_permissions(name: str) -> Permissions:
     inbox = f"{subj.inbox_prefix(name)}.>"
     if name == "orchestrator":
-        buckets = (subj.APPROVALS_BUCKET, subj.WORKFLOWS_BUCKET, subj.REVOCATIONS_BUCKET)
+        buckets = subj.ORCHESTRATOR_BUCKETS
         publish = ["mas.agent.>", "mas.control.>", *_audit_write()]
         for bucket in buckets:
             publish += _kv_write(bucket)
@@ -131,7 +131,7 @@ def service_permissions(name: str) -> Permissions:
             allow_responses=True,
         )
     if name == "operator":
-        buckets = (subj.APPROVALS_BUCKET, subj.WORKFLOWS_BUCKET, subj.REVOCATIONS_BUCKET)
+        buckets = subj.ORCHESTRATOR_BUCKETS
         publish = ["mas.admin.>", *_stream_read(subj.AUDIT_STREAM)]
         for bucket in buckets:
             publish += _kv_read(bucket)

@@ -15,6 +15,7 @@ AUDIT_SUBJECTS = "mas.audit.>"
 APPROVALS_BUCKET = "mas_approvals"
 WORKFLOWS_BUCKET = "mas_workflows"
 REVOCATIONS_BUCKET = "mas_revocations"
+ORCHESTRATOR_BUCKETS = (APPROVALS_BUCKET, WORKFLOWS_BUCKET, REVOCATIONS_BUCKET)
 TOKEN_REQUEST = "mas.orch.token.request"  # noqa: S105 (a subject)
 APPROVAL_REQUEST = "mas.orch.approval.request"
 REGISTER = "mas.orch.register"
