@@ -29,6 +29,7 @@ from security.envelope import EnvelopeSigner, EnvelopeVerifier, NonceCache
 from security.errors import EnvelopeError
 
 log = structlog.get_logger("mas.broker")
+RESPONSE_PREFIX = "_R_."  # reply subjects nats-server maps for cross-account requests
 
 _VIOLATION = re.compile(
     r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE
@@ -112,9 +113,17 @@ class BrokerClient:
         return self.open(reply)
 
     async def respond(self, request: SignedMessage, payload: Payload) -> None:
-        if request.reply is None:
+        """Reply to a verified request. Only the requester's own inbox (or a response
+        subject the server mapped across accounts) is a valid target: otherwise a sender
+        could aim our signed reply, and our ``allow_responses`` grant, at any subject."""
+        reply = request.reply
+        if reply is None:
             raise BrokerError(f"message on {request.subject} expects no reply")
-        await self.publish(request.reply, payload)
+        if not reply.startswith((f"{subj.inbox_prefix(request.sender)}.", RESPONSE_PREFIX)):
+            log.warning("broker.reply_refused", identity=self.identity, sender=request.sender,
+                        reply=reply)
+            raise BrokerError(f"reply subject {reply!r} is not {request.sender}'s inbox")
+        await self.publish(reply, payload)
 
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str = "",

@@ -11,6 +11,10 @@ import rfc8785
 _MAX_SAFE_INT = 2**53 - 1
 
 
+class CanonicalizationError(ValueError):
+    """The value cannot be signed: it has no RFC 8785 form (huge int, non-string key...)."""
+
+
 def _stdlib_is_canonical(value: Any) -> bool:
     """True when sorted, compact ``json.dumps`` already yields RFC 8785 bytes for ``value``:
     no floats (their formatting differs), integers within IEEE-754's exact range, and
@@ -39,7 +43,10 @@ def canonical_json(value: Any) -> bytes:
                               ensure_ascii=False, allow_nan=False).encode("utf-8")
         except UnicodeEncodeError:
             pass  # a lone surrogate: let the reference implementation refuse it
-    return bytes(rfc8785.dumps(value))
+    try:
+        return bytes(rfc8785.dumps(value))
+    except (rfc8785.CanonicalizationError, rfc8785.IntegerDomainError, UnicodeError) as exc:
+        raise CanonicalizationError(f"value has no canonical JSON form: {exc}") from exc
 
 
 def b64url_encode(data: bytes) -> str:

@@ -39,7 +39,8 @@ H_NONCE = "Mas-Nonce"
 H_SIG = "Mas-Sig"
 H_TOKEN = "Mas-Token"  # noqa: S105 (a header name, not a secret)
 DEFAULT_WINDOW_MS = 30_000
-DEFAULT_CACHE_SIZE = 200_000
+MAX_FUTURE_MS = 2_000
+DEFAULT_CACHE_SIZE = 100_000
 _EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
@@ -107,30 +108,54 @@ class EnvelopeSigner:
         return headers
 
 
-class NonceCache:
-    """Seen nonces within the freshness window, bounded in size (see module docstring)."""
+class _SenderNonces:
+    __slots__ = ("seen", "watermark_ms")
 
-    def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE) -> None:
-        self.max_entries = max_entries
-        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+    def __init__(self) -> None:
+        self.seen: OrderedDict[str, int] = OrderedDict()
         self.watermark_ms = 0
+
+
+class NonceCache:
+    """Seen nonces within the freshness window, bounded per sender (see module docstring).
+
+    Each sender has its own cache and watermark, so one identity flooding valid
+    messages can shrink only its own window, never lock out the operator or the
+    orchestrator. Every forgotten nonce (evicted or aged out) raises the watermark past
+    its timestamp, so even a clock stepping back cannot make a seen nonce new again.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_CACHE_SIZE, max_senders: int = 4096) -> None:
+        self.max_entries = max_entries
+        self.max_senders = max_senders
+        self._senders: dict[str, _SenderNonces] = {}
 
     def check_and_add(self, sender: str, nonce: str, ts_ms: int, oldest_ok_ms: int) -> None:
         """Record a nonce or raise if it was seen. ``oldest_ok_ms``: the window's lower edge."""
-        while self._seen and next(iter(self._seen.values())) < oldest_ok_ms:
-            self._seen.popitem(last=False)
-        if ts_ms <= self.watermark_ms:
+        state = self._senders.get(sender)
+        if state is None:
+            if len(self._senders) >= self.max_senders:
+                raise EnvelopeStale("too many distinct senders to track; refusing")
+            state = self._senders[sender] = _SenderNonces()
+        seen = state.seen
+        while seen and next(iter(seen.values())) < oldest_ok_ms:
+            _, aged_ts = seen.popitem(last=False)
+            state.watermark_ms = max(state.watermark_ms, aged_ts)
+        if ts_ms <= state.watermark_ms:
             raise EnvelopeStale("timestamp is older than the replay cache can vouch for")
-        key = (sender, nonce)
-        if key in self._seen:
+        if nonce in seen:
             raise EnvelopeReplayed(f"nonce from {sender} was already used")
-        self._seen[key] = ts_ms
-        if len(self._seen) > self.max_entries:
-            _, evicted_ts = self._seen.popitem(last=False)
-            self.watermark_ms = max(self.watermark_ms, evicted_ts)
+        seen[nonce] = ts_ms
+        if len(seen) > self.max_entries:
+            _, evicted_ts = seen.popitem(last=False)
+            state.watermark_ms = max(state.watermark_ms, evicted_ts)
+
+    def watermark(self, sender: str) -> int:
+        state = self._senders.get(sender)
+        return state.watermark_ms if state else 0
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return sum(len(s.seen) for s in self._senders.values())
 
 
 class EnvelopeVerifier:
@@ -169,7 +194,7 @@ class EnvelopeVerifier:
         if not key.verify(signing_bytes(subject, payload, ts, env.nonce, env.token), sig):
             raise EnvelopeBadSignature(f"signature from {env.sender!r} does not match")
         now = int(time.time() * 1000)
-        if abs(now - ts) > self.window_ms:
+        if now - ts > self.window_ms or ts - now > MAX_FUTURE_MS:
             raise EnvelopeStale(f"timestamp {ts} is {now - ts} ms from now")
         self.nonces.check_and_add(env.sender, env.nonce, ts, now - self.window_ms)
         return VerifiedEnvelope(sender=env.sender, ts_ms=ts, nonce=env.nonce, token=env.token)

@@ -161,7 +161,7 @@ class TokenVerifier:
         self,
         trusted: KeyRing,
         *,
-        issuer: str | None = None,
+        issuer: str,
         leeway_s: int = DEFAULT_LEEWAY_S,
         max_lifetime_s: int = MAX_LIFETIME_S,
         cache_size: int = 0,
@@ -222,14 +222,21 @@ class TokenVerifier:
         revocations: RevocationCheck | None = None,
         now: int | None = None,
     ) -> CapabilityClaims:
-        """Return the claims if ``token`` lets ``audience`` run ``action`` now, else raise."""
+        """Return the claims if ``token`` lets ``audience`` run ``action`` now, else raise.
+
+        ``subject``: the subject the command arrived on; it must be in the token's scope
+        (a token with no subjects allows none). ``args_sha256``: pass it for sensitive
+        actions; the token must be bound to exactly these arguments.
+        """
         claims = self._verify_signature(token)
-        if self.issuer is not None and claims.iss != self.issuer:
+        if claims.iss != self.issuer:
             raise TokenUnknownKey(f"issuer {claims.iss!r} is not trusted")
         t = _now() if now is None else now
         # The usable window runs from the earlier of iat and nbf to exp: cap all of it.
+        if claims.exp <= claims.nbf:
+            raise TokenMalformed("token expires before it becomes valid")
         window = claims.exp - min(claims.iat, claims.nbf)
-        if window > self.max_lifetime_s or claims.exp <= claims.nbf:
+        if window > self.max_lifetime_s:
             raise TokenLifetimeTooLong(
                 f"token usable for {window}s, more than {self.max_lifetime_s}s"
             )
@@ -243,9 +250,12 @@ class TokenVerifier:
             raise TokenWrongAudience(f"token is for {claims.aud!r}, not {audience!r}")
         if action not in claims.actions:
             raise TokenOutOfScope(f"action {action!r} is not in the token's scope")
-        if subject is not None and claims.subjects and subject not in claims.subjects:
+        if subject is not None and subject not in claims.subjects:
             raise TokenOutOfScope(f"subject {subject!r} is not in the token's scope")
-        if claims.args_sha256 is not None and claims.args_sha256 != args_sha256:
+        # Fail closed both ways: a bound token needs the same arguments, and a caller that
+        # asks for binding (a sensitive action) refuses a token that carries none.
+        if (claims.args_sha256 is not None or args_sha256 is not None) and \
+                claims.args_sha256 != args_sha256:
             raise TokenArgsMismatch("arguments differ from the ones the token was issued for")
         if revocations is not None and revocations.is_revoked(claims):
             raise TokenRevoked(f"token {claims.jti} was revoked")

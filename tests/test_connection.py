@@ -9,6 +9,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from broker.connection import SignedMessage
+from broker.errors import BrokerError
 from security.envelope import H_SENDER, EnvelopeSigner
 from security.errors import EnvelopeError
 from security.keys import SigningKey
@@ -125,3 +126,38 @@ async def test_permission_violation_becomes_a_structured_log_event(connect_as: C
     assert events == [{"event": "broker.permission_violation", "log_level": "warning",
                        "identity": "anomaly", "operation": "publish",
                        "subject": "mas.agent.home.call_service"}]
+
+
+async def test_responder_refuses_a_reply_subject_outside_the_requesters_inbox(
+    connect_as: ConnectAs,
+) -> None:
+    """A requester cannot aim the responder's signed reply at someone else's subject."""
+    orch, rogue = await connect_as("orchestrator"), await connect_as("notify")
+    victim = await connect_as("home")
+    refused: list[str] = []
+    stolen: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def answer(msg: SignedMessage) -> None:
+        try:
+            await orch.respond(msg, b'{"token": "for-notify"}')
+        except BrokerError as exc:
+            refused.append(str(exc))
+
+    async def victim_cb(msg: Msg) -> None:
+        await stolen.put(msg.data)
+
+    await orch.subscribe("mas.orch.token.request", answer)
+    await victim.nc.subscribe("mas.agent.home.call_service", cb=victim_cb)
+    await settle(orch, victim)
+    body = b'{"action": "x"}'
+    headers = rogue.signer.seal("mas.orch.token.request", body)
+    await rogue.nc.publish("mas.orch.token.request", body, reply="mas.agent.home.call_service",
+                           headers=headers)
+    for _ in range(100):
+        if refused:
+            break
+        await asyncio.sleep(0.02)
+    assert refused
+    assert "not notify's inbox" in refused[0]
+    await settle(orch, victim)
+    assert stolen.empty()
