@@ -8,10 +8,12 @@ from typing import Any
 
 import rfc8785
 
+from security.errors import SecurityError
+
 _MAX_SAFE_INT = 2**53 - 1
 
 
-class CanonicalizationError(ValueError):
+class CanonicalizationError(SecurityError, ValueError):
     """The value cannot be signed: it has no RFC 8785 form (huge int, non-string key...)."""
 
 
