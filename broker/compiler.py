@@ -11,8 +11,9 @@ import difflib
 import json
 from pathlib import Path
 
+from broker.accounts import Account, JetStreamLimits, build_accounts
 from broker.permissions import Permissions, all_permissions
-from broker.policy import Policy
+from broker.policy import Policy, size_bytes
 
 CONFIG_NAME = "nats-server.conf"
 INCLUDE_PATH = "secrets/nats/identities.conf"
@@ -36,24 +37,51 @@ def _list(key: str, items: tuple[str, ...], indent: str) -> list[str]:
     return [f"{indent}{key}: [", *(f"{indent}  {_q(i)}" for i in items), f"{indent}]"]
 
 
-def _size_bytes(value: str) -> int:
-    text = value.lower().rstrip("b")
-    mult = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:], 1)
-    return int(text.rstrip("kmg")) * mult
-
-
-def _user(p: Permissions) -> list[str]:
-    out = [f"    # {p.identity}: {p.role}", "    {", f"      nkey: ${nkey_variable(p.identity)}",
-           "      permissions: {", "        publish: {"]
-    out += _list("allow", p.publish_allow, "          ")
+def _user(p: Permissions, pad: str) -> list[str]:
+    out = [f"{pad}# {p.identity}: {p.role}", f"{pad}{{",
+           f"{pad}  nkey: ${nkey_variable(p.identity)}", f"{pad}  permissions: {{",
+           f"{pad}    publish: {{"]
+    out += _list("allow", p.publish_allow, f"{pad}      ")
     if p.publish_deny:
-        out += _list("deny", p.publish_deny, "          ")
-    out += ["        }", "        subscribe: {"]
-    out += _list("allow", p.subscribe_allow, "          ")
-    out += ["        }"]
+        out += _list("deny", p.publish_deny, f"{pad}      ")
+    out += [f"{pad}    }}", f"{pad}    subscribe: {{"]
+    out += _list("allow", p.subscribe_allow, f"{pad}      ")
+    out += [f"{pad}    }}"]
     if p.allow_responses:
-        out += [f"        allow_responses: {{ max: 1, expires: {_q(RESPONSE_TTL)} }}"]
-    out += ["      }", "    }"]
+        out += [f"{pad}    allow_responses: {{ max: 1, expires: {_q(RESPONSE_TTL)} }}"]
+    out += [f"{pad}  }}", f"{pad}}}"]
+    return out
+
+
+def _jetstream(limits: JetStreamLimits | None) -> list[str]:
+    if limits is None:
+        return ["    jetstream: disabled"]
+    parts = [f"max_mem: {limits.max_mem}", f"max_file: {limits.max_file}"]
+    if limits.max_streams is not None:
+        parts.append(f"max_streams: {limits.max_streams}")
+    if limits.max_consumers is not None:
+        parts.append(f"max_consumers: {limits.max_consumers}")
+    return [f"    jetstream: {{ {', '.join(parts)} }}"]
+
+
+def _account(account: Account, users: list[Permissions]) -> list[str]:
+    out = [f"  {account.name}: {{", *_jetstream(account.jetstream), "    users: ["]
+    for perms in users:
+        out += _user(perms, "      ")
+    out.append("    ]")
+    if account.exports:
+        out.append("    exports: [")
+        for e in account.exports:
+            targets = ", ".join(_q(a) for a in e.accounts)
+            out.append(f"      {{ {e.kind}: {_q(e.subject)}, accounts: [{targets}] }}")
+        out.append("    ]")
+    if account.imports:
+        out.append("    imports: [")
+        for i in account.imports:
+            out.append(f"      {{ {i.kind}: {{ account: {_q(i.account)}, "
+                       f"subject: {_q(i.subject)} }} }}")
+        out.append("    ]")
+    out.append("  }")
     return out
 
 
@@ -71,7 +99,7 @@ def compile_config(policy: Policy) -> str:
         'server_name: "mas"',
         f"listen: {_q(b.listen)}",
         f"http: {_q(b.monitor)}",
-        f"max_payload: {_size_bytes(b.max_payload)}",
+        f"max_payload: {size_bytes(b.max_payload)}",
         "max_connections: 1024",
         "",
         "# Mutual TLS 1.3: every client presents a certificate from this install's CA.",
@@ -86,22 +114,19 @@ def compile_config(policy: Policy) -> str:
         "",
         "jetstream {",
         f"  store_dir: {_q(b.jetstream.store_dir)}",
-        f"  max_memory_store: {_size_bytes(b.jetstream.max_memory)}",
-        f"  max_file_store: {_size_bytes(b.jetstream.max_file)}",
+        f"  max_memory_store: {size_bytes(b.jetstream.max_memory)}",
+        f"  max_file_store: {size_bytes(b.jetstream.max_file)}",
         "}",
         "",
         "# Deny by default: one nkey user per identity, each with explicit allow lists;",
-        "# no anonymous user, no shared _INBOX.>, no $JS.API.>.",
-        "authorization {",
-        "  default_permissions: {",
-        '    publish: { deny: [">"] }',
-        '    subscribe: { deny: [">"] }',
-        "  }",
-        "  users: [",
+        "# no anonymous user, no shared _INBOX.>, no $JS.API.>. Each agent has an account",
+        "# of its own; subjects cross accounts only through the exports and imports below.",
+        "accounts {",
     ]
-    for perms in all_permissions(policy):
-        lines += _user(perms)
-    lines += ["  ]", "}", ""]
+    perms = {p.identity: p for p in all_permissions(policy)}
+    for account in build_accounts(policy):
+        lines += _account(account, [perms[i] for i in account.identities])
+    lines += ["}", ""]
     return "\n".join(lines)
 
 

@@ -25,11 +25,18 @@ from broker import subjects as subj
 from broker import tracecontext
 from broker.errors import BrokerError
 from broker.secrets import IdentityMaterial
-from security.envelope import EnvelopeSigner, EnvelopeVerifier, NonceCache
+from security.envelope import H_NONCE, EnvelopeSigner, EnvelopeVerifier, NonceCache
 from security.errors import EnvelopeError
 
 log = structlog.get_logger("mas.broker")
 RESPONSE_PREFIX = "_R_."  # reply subjects nats-server maps for cross-account requests
+
+
+def reply_binding(request_nonce: str) -> str:
+    """What a reply's envelope is sealed for: the request it answers, not the reply
+    subject (nats-server rewrites that across accounts). A reply therefore verifies
+    only as the answer to that one request."""
+    return f"mas.reply.{request_nonce}"
 
 _VIOLATION = re.compile(
     r'permissions violation for (publish|subscription) to "([^"]*)"', re.IGNORECASE
@@ -53,6 +60,7 @@ class SignedMessage:
     token: str | None
     trace_id: str | None
     reply: str | None
+    nonce: str
 
 
 Payload = bytes | BaseModel
@@ -88,16 +96,19 @@ class BrokerClient:
         self.violations: deque[PermissionViolation] = deque(maxlen=256)
         self.closing = False
         self.reconnects = 0
+        self.reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def _headers(self, subject: str, data: bytes, token: str | None) -> dict[str, str]:
         return tracecontext.inject(self.signer.seal(subject, data, token=token))
 
-    def open(self, msg: Msg) -> SignedMessage:
-        """Verify ``msg``'s envelope; raises an ``EnvelopeError`` subclass on refusal."""
-        env = self.verifier.open(msg.subject, msg.data, msg.headers)
+    def open(self, msg: Msg, *, sealed_for: str | None = None) -> SignedMessage:
+        """Verify ``msg``'s envelope; raises an ``EnvelopeError`` subclass on refusal.
+        ``sealed_for``: the binding to check instead of the subject (replies)."""
+        env = self.verifier.open(sealed_for or msg.subject, msg.data, msg.headers)
         return SignedMessage(
             subject=msg.subject, data=msg.data, sender=env.sender, token=env.token,
             trace_id=tracecontext.trace_id(msg.headers), reply=msg.reply or None,
+            nonce=env.nonce,
         )
 
     async def publish(self, subject: str, payload: Payload, *, token: str | None = None) -> None:
@@ -108,9 +119,9 @@ class BrokerClient:
         self, subject: str, payload: Payload, *, token: str | None = None, timeout: float = 2.0
     ) -> SignedMessage:
         data = _bytes(payload)
-        reply = await self.nc.request(subject, data, timeout=timeout,
-                                      headers=self._headers(subject, data, token))
-        return self.open(reply)
+        headers = self._headers(subject, data, token)
+        reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
+        return self.open(reply, sealed_for=reply_binding(headers[H_NONCE]))
 
     async def respond(self, request: SignedMessage, payload: Payload) -> None:
         """Reply to a verified request. Only the requester's own inbox (or a response
@@ -123,7 +134,9 @@ class BrokerClient:
             log.warning("broker.reply_refused", identity=self.identity, sender=request.sender,
                         reply=reply)
             raise BrokerError(f"reply subject {reply!r} is not {request.sender}'s inbox")
-        await self.publish(reply, payload)
+        data = _bytes(payload)
+        headers = self._headers(reply_binding(request.nonce), data, None)
+        await self.nc.publish(reply, data, headers=headers)
 
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str = "",
@@ -176,9 +189,11 @@ async def connect(
             log.warning("broker.disconnected", identity=material.identity)
 
     async def reconnected_cb() -> None:
+        log.info("broker.reconnected", identity=material.identity)
         if holder:
             holder[0].reconnects += 1
-        log.info("broker.reconnected", identity=material.identity)
+            for hook in holder[0].reconnect_hooks:
+                await hook()
 
     nc = NATS()
     try:

@@ -2,8 +2,11 @@
 
 This is the one place that decides who may publish and subscribe to what; the
 compiler renders it into nats-server.conf and ``mas policy show`` prints it.
-JetStream access is spelled out per stream, never as ``$JS.API.>``: that grant would
-open every bucket (see ENVIRONMENT.md).
+JetStream access is spelled out per stream, never as ``$JS.API.>``. Agents touch
+JetStream only inside their own account (``broker/accounts.py``): nats-server does
+not check the body or reply subject of an allowed JetStream API request, so in a
+shared account any JetStream grant would let an agent make the server publish
+content of its choosing on any subject.
 """
 
 from __future__ import annotations
@@ -82,17 +85,18 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
         subj.REGISTER,
         subj.TOKEN_REQUEST,
         subj.APPROVAL_REQUEST,
+        subj.REVOCATION_SNAPSHOT,
         *agent.publish,
-        *_kv_read(subj.REVOCATIONS_BUCKET),
     ]
-    subscribe = [subj.commands(name), f"{subj.inbox_prefix(name)}.>", *agent.subscribe]
-    notes = ["revocations: read-only"]
+    subscribe = [subj.commands(name), f"{subj.inbox_prefix(name)}.>", subj.REVOCATIONS,
+                 *agent.subscribe]
+    notes = [f"account {subj.account(name)}", "revocations: signed broadcasts, read-only"]
     if agent.state:
         publish += _kv_write(subj.kv_bucket(name))
-        notes.append(f"KV bucket {subj.kv_bucket(name)}: read/write")
+        notes.append(f"KV bucket {subj.kv_bucket(name)} in its own account: read/write")
     if "audit" in agent.read_streams:
-        publish += _stream_read(subj.AUDIT_STREAM)
-        notes.append(f"stream {subj.AUDIT_STREAM}: read-only")
+        subscribe.append(subj.AUDIT_FEED)
+        notes.append("audit records: live, read-only")
     return Permissions(
         identity=name,
         role=f"agent ({agent.kind.value}, {agent.tier.value})",
@@ -107,7 +111,7 @@ def service_permissions(name: str) -> Permissions:
     inbox = f"{subj.inbox_prefix(name)}.>"
     if name == "orchestrator":
         buckets = subj.ORCHESTRATOR_BUCKETS
-        publish = ["mas.agent.>", "mas.control.>", *_audit_write()]
+        publish = ["mas.agent.>", "mas.control.>", subj.REVOCATIONS, *_audit_write()]
         for bucket in buckets:
             publish += _kv_write(bucket)
         return Permissions(

@@ -57,6 +57,16 @@ def _size(value: str) -> str:
     return value.lower()
 
 
+def size_bytes(value: str) -> int:
+    """``64m`` -> 67108864 (sizes are validated by ``_size`` on load)."""
+    text = value.lower().rstrip("b")
+    mult = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:], 1)
+    return int(text.rstrip("kmg")) * mult
+
+
+PLATFORM_MIN_STORE = 256 * 1024**2
+
+
 class Resources(_Strict):
     memory: Annotated[str, Field(description="container memory limit")] = "128m"
     cpus: Annotated[float, Field(gt=0, le=16)] = 0.5
@@ -76,12 +86,15 @@ class Agent(_Strict):
     kind: Kind
     tier: Tier
     state: bool = False
+    state_limit: str = "64m"
     egress: list[str] = Field(default_factory=list)
     actions: dict[ActionName, Action] = Field(min_length=1)
     publish: list[str] = Field(default_factory=list)
     subscribe: list[str] = Field(default_factory=list)
     read_streams: list[Literal["audit"]] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+
+    _check_state_limit = field_validator("state_limit")(_size)
 
 
 class Service(_Strict):
@@ -257,6 +270,13 @@ def load_policy(path: Path) -> Policy:
             raise PolicyError(
                 f"duplicate identity {name!r}: it is a platform service; rename the agent",
                 path=path, line=lines.line_for(("agents", name)))
+    reserved = sum(size_bytes(a.state_limit) for a in policy.agents.values() if a.state)
+    if size_bytes(policy.broker.jetstream.max_file) - reserved < PLATFORM_MIN_STORE:
+        raise PolicyError(
+            f"agents reserve {reserved // 1024**2} MiB of JetStream storage, leaving the "
+            "platform (audit log, approvals, revocations) less than 256 MiB: raise "
+            "broker.jetstream.max_file or lower the agents' state_limit",
+            path=path, line=lines.line_for(("broker", "jetstream", "max_file")))
     for name, agent in policy.agents.items():
         problems = _check_agent(name, agent, policy.agents)
         if problems:

@@ -19,6 +19,20 @@ ORCHESTRATOR_BUCKETS = (APPROVALS_BUCKET, WORKFLOWS_BUCKET, REVOCATIONS_BUCKET)
 TOKEN_REQUEST = "mas.orch.token.request"  # noqa: S105 (a subject)
 APPROVAL_REQUEST = "mas.orch.approval.request"
 REGISTER = "mas.orch.register"
+REVOCATION_SNAPSHOT = "mas.orch.revocations"
+REVOCATIONS = "mas.revocation.>"
+AUDIT_FEED = "mas.audit.>"
+ORCH_SERVICES = (TOKEN_REQUEST, APPROVAL_REQUEST, REGISTER, REVOCATION_SNAPSHOT)
+PLATFORM_ACCOUNT = "PLATFORM"
+
+
+def account(agent: str) -> str:
+    """Every agent lives in a NATS account of its own (see broker/accounts.py)."""
+    return f"AGENT_{agent.upper()}"
+
+
+def revocation(kind: str, target: str) -> str:
+    return f"mas.revocation.{kind}.{target}"
 
 
 def command(agent: str, action: str) -> str:
@@ -72,6 +86,25 @@ def overlaps(a: str, b: str) -> bool:
         if x != "*" and y != "*" and x != y:
             return False
     return True
+
+
+def intersect(a: str, b: str) -> str | None:
+    """The pattern matching exactly the subjects both ``a`` and ``b`` match, if any."""
+    if not overlaps(a, b):
+        return None
+    ta, tb = a.split("."), b.split(".")
+    out: list[str] = []
+    for i in range(max(len(ta), len(tb))):
+        x = ta[i] if i < len(ta) else None
+        y = tb[i] if i < len(tb) else None
+        if x == ">":
+            return ".".join(out + tb[i:])
+        if y == ">":
+            return ".".join(out + ta[i:])
+        if x is None or y is None:  # unreachable: overlaps() ruled out unequal lengths
+            return None
+        out.append(y if x == "*" else x)
+    return ".".join(out)
 
 
 def within(inner: str, outer: str) -> bool:

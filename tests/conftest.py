@@ -90,8 +90,36 @@ ConnectAs = Callable[[str], Awaitable[connection.BrokerClient]]
 
 
 @pytest.fixture
+def fresh_broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    """A broker of the test's own (new project, new secrets, empty JetStream), for tests
+    that need streams nobody else created. Costs about a second."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
+    proj = Project(root)
+    init_secrets(proj.policy(), proj.secrets)
+    proj.config_path.write_text(compile_config(proj.policy()))
+    server = start_broker(proj, tmp_path)
+    try:
+        yield RunningBroker(server, proj)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def connect_fresh(fresh_broker: RunningBroker) -> AsyncIterator[ConnectAs]:
+    async for factory in _connector(fresh_broker):
+        yield factory
+
+
+@pytest.fixture
 async def connect_as(broker: RunningBroker) -> AsyncIterator[ConnectAs]:
     """Connect as a named identity with its real credentials; closes everything after."""
+    async for factory in _connector(broker):
+        yield factory
+
+
+async def _connector(broker: RunningBroker) -> AsyncIterator[ConnectAs]:
     clients: list[connection.BrokerClient] = []
 
     async def _connect(identity: str) -> connection.BrokerClient:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from broker import subjects as subj
+from broker.accounts import build_accounts
 from broker.compiler import CONFIG_NAME, compile_config, drift
 from broker.errors import ServerError
 from broker.permissions import Permissions, all_permissions
@@ -123,8 +124,11 @@ def test_agent_conventions(policy_key: str, identity: str) -> None:
     agent = policy.agents[identity]
     p = perms_of(policy)[identity]
     assert p.subscribe_allow[:2] == (f"mas.agent.{identity}.>", f"_INBOX_{identity}.>")
-    assert set(p.subscribe_allow) == {f"mas.agent.{identity}.>", f"_INBOX_{identity}.>",
-                                      *agent.subscribe}
+    expected = {f"mas.agent.{identity}.>", f"_INBOX_{identity}.>", subj.REVOCATIONS,
+                *agent.subscribe}
+    if "audit" in agent.read_streams:
+        expected.add(subj.AUDIT_FEED)
+    assert set(p.subscribe_allow) == expected
     assert f"mas.event.{identity}.>" in p.publish_allow
     assert f"mas.heartbeat.{identity}" in p.publish_allow
     assert p.allow_responses
@@ -139,7 +143,7 @@ def test_agent_conventions(policy_key: str, identity: str) -> None:
 
 @pytest.mark.parametrize(("policy_key", "identity"),
                          [(k, n) for k, n in every_identity() if n not in SERVICE_NAMES])
-def test_agent_kv_access_is_own_bucket_and_read_only_revocations(
+def test_agent_jetstream_access_is_only_its_own_bucket(
         policy_key: str, identity: str) -> None:
     policy = POLICIES[policy_key]
     agent = policy.agents[identity]
@@ -150,9 +154,9 @@ def test_agent_kv_access_is_own_bucket_and_read_only_revocations(
                   if "KV_" in e or e.startswith("$KV.")]
     buckets = {re.search(r"(?:KV_|\$KV\.)([A-Za-z0-9_]+)", e).group(1)  # type: ignore[union-attr]
                for e in kv_entries}
-    assert buckets == ({own, revocations} if agent.state else {revocations})
-    # Revocations: readable, never writable.
-    assert f"$JS.API.DIRECT.GET.KV_{revocations}.>" in p.publish_allow
+    assert buckets == ({own} if agent.state else set())
+    # Revocations reach agents as signed broadcasts; the bucket itself is out of reach.
+    assert subj.REVOCATIONS in p.subscribe_allow
     for entry in p.publish_allow:
         assert not subj.overlaps(entry, f"$KV.{revocations}.x"), entry
         assert not subj.overlaps(entry, f"$JS.API.STREAM.CREATE.KV_{revocations}"), entry
@@ -162,7 +166,7 @@ def test_agent_kv_access_is_own_bucket_and_read_only_revocations(
         assert f"$KV.{own}.>" in p.publish_allow
         assert f"$JS.API.STREAM.CREATE.KV_{own}" in p.publish_allow
     else:
-        assert not any(own in e for e in p.publish_allow)
+        assert not any(e.startswith("$") for e in p.publish_allow)
 
 
 def test_only_the_orchestrator_may_send_commands() -> None:
@@ -192,11 +196,16 @@ def test_nobody_may_delete_or_purge_the_audit_stream(policy_key: str, identity: 
 
 def test_audit_stream_readers_are_exactly_those_granted() -> None:
     policy = REPO_POLICY
-    readers = {n for n, p in perms_of(policy).items()
-               if f"$JS.API.CONSUMER.CREATE.{subj.AUDIT_STREAM}" in p.publish_allow}
+    stream_readers = {n for n, p in perms_of(policy).items()
+                      if f"$JS.API.CONSUMER.CREATE.{subj.AUDIT_STREAM}" in p.publish_allow}
+    assert stream_readers == {"orchestrator", "operator"}
     granted = {n for n, a in policy.agents.items() if "audit" in a.read_streams}
-    assert readers == {"orchestrator", "operator", *granted}
     assert granted == {"anomaly"}
+    feed_readers = {n for n, p in perms_of(policy).items() if subj.AUDIT_FEED in p.subscribe_allow}
+    assert feed_readers == granted
+    platform = next(a for a in build_accounts(policy) if a.name == subj.PLATFORM_ACCOUNT)
+    feed = [e for e in platform.exports if e.subject == subj.AUDIT_FEED]
+    assert [e.accounts for e in feed] == [tuple(subj.account(a) for a in sorted(granted))]
     writers = {n for n, p in perms_of(policy).items()
                if any(subj.overlaps(e, "mas.audit.x") for e in p.publish_allow)}
     assert writers == {"orchestrator"}
@@ -210,10 +219,13 @@ def test_compiled_text_is_locked_down(policy_key: str) -> None:
     assert "  verify: true\n" in text
     assert re.search(r'^http: "127\.0\.0\.1:\d+"$', text, flags=re.MULTILINE)
     assert "no_auth_user" not in text
-    assert "accounts" not in text
-    assert '    publish: { deny: [">"] }\n    subscribe: { deny: [">"] }\n' in text
-    # The only bare ">" in the file is the default deny.
-    assert text.count('">"') == 2
+    assert "authorization" not in text
+    # One account per agent, and the platform's.
+    assert "\naccounts {\n" in text
+    assert f"  {subj.PLATFORM_ACCOUNT}: {{\n" in text
+    for agent in policy.agents:
+        assert f"  {subj.account(agent)}: {{\n" in text
+    assert '">"' not in text
     assert '"_INBOX.>"' not in text
     assert '"$JS.API.>"' not in text
     # Per-install values stay out of the compiled file.
@@ -268,9 +280,10 @@ def test_drift_names_the_changed_line(tmp_path: Path) -> None:
     changed.write_text(text.replace(old, old[:-1] + ", mas.heartbeat.health]"))
     difference = drift(load_policy(changed), config)
     assert difference is not None
-    added = [ln for ln in difference.splitlines() if ln.startswith("+") and
+    added = [ln[1:].strip() for ln in difference.splitlines() if ln.startswith("+") and
              not ln.startswith("+++")]
-    assert added == ['+            "mas.heartbeat.health"']
+    assert '"mas.heartbeat.health"' in added  # the new subscribe grant
+    assert '{ stream: { account: "AGENT_HEALTH", subject: "mas.heartbeat.health" } }' in added
     assert "(committed)" in difference
     assert "(from policy)" in difference
 
@@ -280,8 +293,9 @@ def test_drift_shows_a_hand_edit_as_removed(tmp_path: Path) -> None:
     config.write_text(compile_config(REPO_POLICY).replace('"mas.alert.>"', '">"', 1))
     difference = drift(REPO_POLICY, config)
     assert difference is not None
-    assert '-            ">"' in difference.splitlines()
-    assert '+            "mas.alert.>"' in difference.splitlines()
+    lines = [(ln[:1], ln[1:].strip()) for ln in difference.splitlines()]
+    assert ("-", '">"') in lines
+    assert ("+", '"mas.alert.>"') in lines
 
 
 def test_drift_is_bounded(tmp_path: Path) -> None:

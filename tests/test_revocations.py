@@ -1,80 +1,128 @@
-"""Revocation through the KV bucket on a real broker: the orchestrator revokes, an agent's
-watcher sees it, and the agent's token check refuses on the next message."""
+"""Revocation on a real broker: the orchestrator revokes, every agent's follower learns
+it from a signed broadcast (or its start-up snapshot), and the agent's token check
+refuses on the next message. Nobody but the orchestrator can revoke or lift."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
-from broker.revocations import RevocationStore, RevocationWatcher
+from broker import subjects as subj
+from broker.connection import SignedMessage
+from broker.revocations import RevocationAuthority, RevocationFollower
 from security.errors import TokenRevoked
 from security.revocation import Revocation
-from security.tokens import TokenIssuer, TokenVerifier
-from tests.conftest import ConnectAs
+from security.tokens import CapabilityClaims, TokenIssuer, TokenVerifier
+from tests.conftest import ConnectAs, settle, wait_for_violation
 
 
-async def _until_revoked(check, timeout: float = 1.0) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until ``check()`` raises TokenRevoked; fails the test after ``timeout``."""
+async def _until(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
     start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            check()
-        except TokenRevoked:
-            return time.monotonic() - start
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"token still accepted {timeout}s after revocation")
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
 
 
-async def test_revocations_reach_agents_within_a_second(connect_as: ConnectAs) -> None:
+def _revoked(verifier: TokenVerifier, follower: RevocationFollower, token: str) -> bool:
+    try:
+        verifier.verify(token, audience="health", action="daily_summary",
+                        revocations=follower.revocations)
+    except TokenRevoked:
+        return True
+    return False
+
+
+def _jti(claims: CapabilityClaims, reason: str = "test") -> Revocation:
+    return Revocation(kind="jti", target=claims.jti, revoked_at=int(time.time()),
+                      expires_at=claims.exp, reason=reason, by="operator")
+
+
+async def test_revocation_reaches_the_agent_within_a_second(connect_as: ConnectAs) -> None:
     orch, agent = await connect_as("orchestrator"), await connect_as("health")
-    store = await RevocationStore.open(orch)
-    watcher = RevocationWatcher(agent)
-    await watcher.start()
+    authority = await RevocationAuthority.start(orch)
+    follower = RevocationFollower(agent)
+    await follower.start()
     issuer = TokenIssuer("orchestrator", orch.material.signing_key)
     verifier = TokenVerifier(agent.material.trust.issuer_ring(), issuer="orchestrator")
     token_a, claims_a = issuer.issue(audience="health", actions=["daily_summary"])
     token_b, _ = issuer.issue(audience="health", actions=["daily_summary"])
+    assert not _revoked(verifier, follower, token_a)
 
-    def check(token: str) -> object:
-        return verifier.verify(token, audience="health", action="daily_summary",
-                               revocations=watcher.revocations)
+    await authority.revoke(_jti(claims_a))
+    assert await _until(lambda: _revoked(verifier, follower, token_a)) < 1.0
+    assert not _revoked(verifier, follower, token_b)
 
-    check(token_a)
-    check(token_b)
-    now = int(time.time())
-    await store.revoke(Revocation(kind="jti", target=claims_a.jti, revoked_at=now,
-                                  expires_at=claims_a.exp, reason="test", by="operator"))
-    assert await _until_revoked(lambda: check(token_a)) < 1.0
-    check(token_b)
+    await authority.revoke(Revocation(kind="agent", target="health",
+                                      revoked_at=int(time.time()) + 1, reason="kill switch"))
+    assert await _until(lambda: _revoked(verifier, follower, token_b)) < 1.0
 
-    await store.revoke(Revocation(kind="agent", target="health", revoked_at=now + 1,
-                                  reason="kill switch", by="operator"))
-    assert await _until_revoked(lambda: check(token_b)) < 1.0
-    await store.lift("agent", "health")
-    await store.lift("jti", claims_a.jti)
-    deadline = time.monotonic() + 1
-    while time.monotonic() < deadline and len(watcher.revocations):  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    check(token_b)
-    await watcher.stop()
+    await authority.lift("agent", "health")
+    await authority.lift("jti", claims_a.jti)
+    await _until(lambda: not _revoked(verifier, follower, token_b)
+                 and not _revoked(verifier, follower, token_a))
 
 
-async def test_malformed_entry_is_skipped_not_fatal(connect_as: ConnectAs) -> None:
-    orch, agent = await connect_as("orchestrator"), await connect_as("aggregator")
-    store = await RevocationStore.open(orch)
-    watcher = RevocationWatcher(agent)
-    await watcher.start()
-    await store.kv.put("jti.garbage", b"{not json")
-    await store.revoke(Revocation(kind="jti", target="after_garbage", revoked_at=1))
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        if any(e.target == "after_garbage" for e in watcher.revocations.entries()):
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("watcher stopped after a malformed entry")
-    await store.kv.delete("jti.garbage")
-    await store.lift("jti", "after_garbage")
-    await watcher.stop()
+async def test_an_agent_starting_later_gets_the_snapshot(connect_as: ConnectAs) -> None:
+    orch = await connect_as("orchestrator")
+    authority = await RevocationAuthority.start(orch)
+    issuer = TokenIssuer("orchestrator", orch.material.signing_key)
+    token, claims = issuer.issue(audience="health", actions=["daily_summary"])
+    await authority.revoke(_jti(claims, "before the agent started"))
+    agent = await connect_as("health")
+    follower = RevocationFollower(agent)
+    await follower.start()
+    verifier = TokenVerifier(agent.material.trust.issuer_ring(), issuer="orchestrator")
+    assert _revoked(verifier, follower, token)
+    await authority.lift("jti", claims.jti)
+
+
+async def test_the_store_survives_an_orchestrator_restart(connect_as: ConnectAs) -> None:
+    first = await connect_as("orchestrator")
+    authority = await RevocationAuthority.start(first)
+    entry = Revocation(kind="jti", target="survivor123", revoked_at=1, reason="restart")
+    await authority.revoke(entry)
+    await first.close()
+    again = await RevocationAuthority.start(await connect_as("orchestrator"))
+    assert entry in again.revocations.entries()
+    await again.lift("jti", "survivor123")
+
+
+@pytest.mark.parametrize("rogue_name", ["notify", "anomaly"])
+async def test_no_agent_can_revoke_or_lift(connect_as: ConnectAs, rogue_name: str) -> None:
+    orch = await connect_as("orchestrator")
+    authority = await RevocationAuthority.start(orch)
+    await authority.revoke(Revocation(kind="agent", target="home", revoked_at=2**31))
+    victim = await connect_as("home")
+    follower = RevocationFollower(victim)
+    await follower.start()
+    rogue = await connect_as(rogue_name)
+    lift = b'{"op": "lift", "kind": "agent", "target": "home"}'
+    await rogue.publish(subj.revocation("agent", "home"), lift)
+    await wait_for_violation(rogue, "publish", subj.revocation("agent", "home"))
+    await rogue.nc.publish(f"$KV.{subj.REVOCATIONS_BUCKET}.agent.home", b"")
+    await wait_for_violation(rogue, "publish", f"$KV.{subj.REVOCATIONS_BUCKET}.agent.home")
+    await settle(rogue, victim)
+    assert [e.target for e in follower.revocations.entries()] == ["home"]
+    await authority.lift("agent", "home")
+
+
+async def test_a_change_signed_by_anyone_but_the_orchestrator_is_ignored(
+    connect_as: ConnectAs,
+) -> None:
+    """Even if a lift reached the follower, a non-orchestrator signature is refused."""
+    agent = await connect_as("health")
+    follower = RevocationFollower(agent)
+    orch = await connect_as("orchestrator")
+    await RevocationAuthority.start(orch)
+    await follower.start()
+    follower.revocations.apply(Revocation(kind="agent", target="health", revoked_at=2**31))
+    await follower._on_change(SignedMessage(  # drive the handler as a verified message would
+        subject="mas.revocation.agent.health", sender="health", token=None, trace_id=None,
+        reply=None, nonce="n" * 22,
+        data=b'{"op": "lift", "kind": "agent", "target": "health"}'))
+    assert len(follower.revocations) == 1

@@ -1,0 +1,123 @@
+"""NATS accounts: one per agent, one (PLATFORM) for the orchestrator, control and operator.
+
+An account is a separate subject space with its own JetStream. Agents keep their KV
+bucket in their own account under account-level JetStream limits, so no JetStream
+request of theirs can reach another identity's streams or subjects, and no agent can
+exhaust the storage the platform's revocations and audit log need. Subjects cross
+account boundaries only where this module exports and imports them:
+
+- commands ``mas.agent.<a>.>``: service export of the agent, imported by PLATFORM
+- events, heartbeats, alerts: stream exports of the agent, imported by PLATFORM and by
+  the agents whose policy subscribes to them
+- ``mas.orch.*`` requests: service exports of PLATFORM, imported by every agent
+- ``mas.revocation.>``: stream export of PLATFORM to every agent; ``mas.audit.>`` only to
+  agents with ``read_streams: [audit]``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from broker import subjects as subj
+from broker.policy import Agent, Policy, size_bytes
+
+PLATFORM = subj.PLATFORM_ACCOUNT
+SERVICES = ("orchestrator", "control", "operator")
+PLATFORM_SUBSCRIBES = ("mas.event.>", "mas.alert.>", "mas.heartbeat.>")
+AGENT_MAX_STREAMS = 1
+AGENT_MAX_CONSUMERS = 16
+AGENT_MAX_MEMORY = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Export:
+    kind: Literal["service", "stream"]
+    subject: str
+    accounts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Import:
+    kind: Literal["service", "stream"]
+    account: str
+    subject: str
+
+
+@dataclass(frozen=True)
+class JetStreamLimits:
+    max_mem: int
+    max_file: int
+    max_streams: int | None = None
+    max_consumers: int | None = None
+
+
+@dataclass
+class Account:
+    name: str
+    identities: tuple[str, ...]
+    jetstream: JetStreamLimits | None
+    exports: list[Export] = field(default_factory=list)
+    imports: list[Import] = field(default_factory=list)
+
+
+def agent_publishes(name: str, agent: Agent) -> list[str]:
+    """What an agent may publish that others may read (its stream exports)."""
+    return [subj.events(name), subj.heartbeat(name), *agent.publish]
+
+
+def build_accounts(policy: Policy) -> list[Account]:
+    agents = sorted(policy.agents)
+    js = policy.broker.jetstream
+    stateful = [a for a in agents if policy.agents[a].state]
+    # Account limits are reservations: the platform gets what the agents do not reserve.
+    platform = Account(PLATFORM, SERVICES, JetStreamLimits(
+        max_mem=size_bytes(js.max_memory) - AGENT_MAX_MEMORY * len(stateful),
+        max_file=size_bytes(js.max_file)
+        - sum(size_bytes(policy.agents[a].state_limit) for a in stateful),
+    ))
+    accounts = {PLATFORM: platform}
+    for name in agents:
+        agent = policy.agents[name]
+        limits = JetStreamLimits(AGENT_MAX_MEMORY, size_bytes(agent.state_limit),
+                                 AGENT_MAX_STREAMS, AGENT_MAX_CONSUMERS) if agent.state else None
+        accounts[subj.account(name)] = Account(subj.account(name), (name,), limits)
+
+    all_agents = tuple(subj.account(a) for a in agents)
+    for service in subj.ORCH_SERVICES:
+        platform.exports.append(Export("service", service, all_agents))
+    platform.exports.append(Export("stream", subj.REVOCATIONS, all_agents))
+    readers = tuple(subj.account(a) for a in agents if "audit" in policy.agents[a].read_streams)
+    if readers:
+        platform.exports.append(Export("stream", subj.AUDIT_FEED, readers))
+
+    for name in agents:
+        agent, acct = policy.agents[name], accounts[subj.account(name)]
+        acct.exports.append(Export("service", subj.commands(name), (PLATFORM,)))
+        platform.imports.append(Import("service", acct.name, subj.commands(name)))
+        for service in subj.ORCH_SERVICES:
+            acct.imports.append(Import("service", PLATFORM, service))
+        acct.imports.append(Import("stream", PLATFORM, subj.REVOCATIONS))
+        if "audit" in agent.read_streams:
+            acct.imports.append(Import("stream", PLATFORM, subj.AUDIT_FEED))
+        for grant in agent_publishes(name, agent):
+            readers_of = [PLATFORM] if any(subj.overlaps(grant, s) for s in PLATFORM_SUBSCRIBES) \
+                else []
+            for other in agents:
+                if other == name:
+                    continue
+                for pattern in policy.agents[other].subscribe:
+                    shared = subj.intersect(pattern, grant)
+                    if shared is not None:
+                        accounts[subj.account(other)].imports.append(
+                            Import("stream", acct.name, shared))
+                        readers_of.append(subj.account(other))
+            if readers_of:
+                acct.exports.append(Export("stream", grant, tuple(dict.fromkeys(readers_of))))
+                if PLATFORM in readers_of:
+                    platform.imports.append(Import("stream", acct.name, grant))
+    return list(accounts.values())
+
+
+def account_of(identity: str) -> str:
+    return PLATFORM if identity in SERVICES else subj.account(identity)
