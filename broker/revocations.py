@@ -11,6 +11,7 @@ start and after every reconnect, so a change missed while disconnected is not lo
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import nats.errors
@@ -134,3 +135,4 @@ class RevocationFollower:
             self.revocations.lift(change.kind, change.target)
         elif change.entry is not None:
             self.revocations.apply(change.entry)
+        self.revocations.prune(int(time.time()))

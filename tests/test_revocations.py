@@ -126,3 +126,20 @@ async def test_a_change_signed_by_anyone_but_the_orchestrator_is_ignored(
         reply=None, nonce="n" * 22,
         data=b'{"op": "lift", "kind": "agent", "target": "health"}'))
     assert len(follower.revocations) == 1
+
+
+async def test_expired_jti_entries_are_forgotten(connect_as: ConnectAs) -> None:
+    """A revoked token that has expired anyway need not be remembered (bounded memory)."""
+    orch, agent = await connect_as("orchestrator"), await connect_as("backup")
+    authority = await RevocationAuthority.start(orch)
+    follower = RevocationFollower(agent)
+    await follower.start()
+    now = int(time.time())
+    await authority.revoke(Revocation(kind="jti", target="long_gone_1", revoked_at=now - 100,
+                                      expires_at=now - 50))
+    await authority.revoke(Revocation(kind="jti", target="still_live1", revoked_at=now,
+                                      expires_at=now + 600))
+    await _until(lambda: any(e.target == "still_live1" for e in follower.revocations.entries()))
+    assert [e.target for e in follower.revocations.entries()] == ["still_live1"]
+    await authority.lift("jti", "long_gone_1")
+    await authority.lift("jti", "still_live1")
