@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nkeys
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from broker.compiler import INCLUDE_PATH, identities_include
 from broker.errors import SecretsError
@@ -51,6 +51,30 @@ class Trust(BaseModel):
     envelope_keys: dict[str, list[str]]
     token_issuers: list[str]
     approvers: list[str]
+
+    # Every key must parse when trust.json is loaded, so a bad one is reported against the
+    # file (load_trust turns the ValidationError into a SecretsError) and not later, mid-run.
+    @staticmethod
+    def _check_key(text: str) -> None:
+        try:
+            VerifyKey.from_text(text)
+        except SecurityError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("token_issuers", "approvers")
+    @classmethod
+    def _keys_parse(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            cls._check_key(key)
+        return keys
+
+    @field_validator("envelope_keys")
+    @classmethod
+    def _envelope_keys_parse(cls, keys: dict[str, list[str]]) -> dict[str, list[str]]:
+        for ring in keys.values():
+            for key in ring:
+                cls._check_key(key)
+        return keys
 
     def sender_rings(self) -> dict[str, KeyRing]:
         return {
@@ -147,7 +171,12 @@ def _load_nkey_seed(path: Path) -> tuple[str, str]:
         raise SecretsError(f"{exc}; {FIX}") from None
     if not raw.strip().startswith(b"SU"):
         raise SecretsError(f"{path}: not an nkey user seed (must start with SU); {FIX}")
-    return raw.strip().decode("ascii"), _nkey_public(raw, path)
+    try:
+        seed = raw.strip().decode("ascii")
+    except UnicodeDecodeError:
+        # Never chain or echo the bytes: they are (a damaged copy of) seed material.
+        raise SecretsError(f"{path}: not a valid nkey user seed (not ASCII text); {FIX}") from None
+    return seed, _nkey_public(raw, path)
 
 
 def _ensure_pair(

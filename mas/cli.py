@@ -220,6 +220,12 @@ def main() -> None:
     except (BrokerError, SecurityError) as exc:
         typer.echo(f"mas: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:
+        # A file or folder mas writes is in the way or not accessible (IsADirectoryError,
+        # FileExistsError, PermissionError, ...): say what and where, without a traceback.
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        typer.echo(f"mas: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("mas: interrupted", err=True)
         sys.exit(130)

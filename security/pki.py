@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -122,12 +122,19 @@ def load_certificate(path: Path) -> x509.Certificate:
 def load(cert_path: Path, key_path: Path) -> CertifiedKey:
     cert = load_certificate(cert_path)
     try:
+        cert_public = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise CertificateError(f"{cert_path}: unsupported public key ({exc})") from exc
+    if not isinstance(cert_public, ec.EllipticCurvePublicKey):
+        raise CertificateError(f"{cert_path}: expected a certificate for an EC (P-256) key, "
+                               f"not {type(cert_public).__name__}")
+    try:
         key = serialization.load_pem_private_key(read_private_file(key_path), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CertificateError(f"{key_path}: not an unencrypted PEM private key ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{key_path}: expected an EC private key")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+    if key.public_key().public_numbers() != cert_public.public_numbers():
         raise CertificateError(f"{key_path} does not belong to {cert_path}")
     return CertifiedKey(cert, key)
 

@@ -168,7 +168,8 @@ def test_compile_check_cycle(folder: Path) -> None:
     assert stale.returncode == 1
     assert "Traceback" not in stale.stderr
     assert stale.stderr.startswith("mas: nats-server.conf is stale")
-    assert '+            "mas.heartbeat.notify"' in stale.stderr.splitlines()
+    added = [ln[1:].strip() for ln in stale.stderr.splitlines() if ln.startswith("+")]
+    assert '"mas.heartbeat.notify"' in added
     assert (folder / "nats-server.conf").read_text() == config  # --check writes nothing
 
     fixed = mas(folder, "policy", "compile")
@@ -232,6 +233,22 @@ def test_show_unknown_identity_is_one_line(folder: Path) -> None:
     line = one_line_error(mas(folder, "policy", "show", "nosuch"))
     assert "no identity 'nosuch'" in line
     assert "orchestrator" in line  # lists the known ones
+
+
+@pytest.mark.parametrize("args", [("policy", "compile"), ("policy", "compile", "--check")],
+                         ids=["compile", "check"])
+def test_config_path_that_is_a_directory_is_one_line(folder: Path, args: tuple[str, ...]) -> None:
+    (folder / "nats-server.conf").mkdir()
+    line = one_line_error(mas(folder, *args))
+    assert line == f"mas: Is a directory: {folder / 'nats-server.conf'}", line
+    assert (folder / "nats-server.conf").is_dir()
+
+
+def test_secrets_path_that_is_a_file_is_one_line(folder: Path) -> None:
+    (folder / "secrets").write_text("not a folder\n")
+    line = one_line_error(mas(folder, "init"))
+    assert line == f"mas: File exists: {folder / 'secrets'}", line
+    assert (folder / "secrets").read_text() == "not a folder\n"
 
 
 def test_up_with_corrupt_secret_names_the_file(ready: Path) -> None:

@@ -178,6 +178,90 @@ def test_duplicate_nested_key(tmp_path: Path) -> None:
                    "duplicate key 'tier'", "first at line 17")
 
 
+@pytest.mark.parametrize(
+    ("line_text", "needle"),
+    [
+        ("version: !!python/name:os.system 1", "unsupported YAML tag 'python/name:os.system'"),
+        ("version: !!python/object/apply:os.system [id]", "unsupported YAML tag"),
+        ("version: !!binary aGk=", "unsupported YAML tag 'binary'"),
+        ("version: !custom 1", "unsupported YAML tag '!custom'"),
+        ("version: 2001-13-45", "reads as a date"),  # an impossible date: ValueError before
+        ("version: 2024-01-01", "reads as a date"),
+        ("version: !!int ''", "not a valid int"),  # IndexError inside PyYAML before
+        ("version: !!bool maybe", "not a valid bool"),  # KeyError inside PyYAML before
+        ("version: !!float abc", "not a valid float"),
+        ("version: 1" + "0" * 5000, "not a valid int"),  # over Python's int-digit limit
+    ],
+    ids=["python-name", "python-apply", "binary", "custom", "bad-date", "date", "empty-int",
+         "bad-bool", "bad-float", "huge-int"],
+)
+def test_unsupported_scalar_is_refused_on_its_line(tmp_path: Path, line_text: str,
+                                                   needle: str) -> None:
+    err = assert_refused(tmp_path, variant({1: line_text}), 1, needle)
+    assert len(str(err)) < 300, str(err)  # a huge value is not echoed in full
+
+
+@pytest.mark.parametrize(
+    ("replace", "line", "needle"),
+    [
+        ({11: "    state: !!set {a, b}"}, 11, "unsupported YAML tag 'set' on a mapping"),
+        ({25: "    subscribe: !!omap [a: 1]"}, 25, "unsupported YAML tag 'omap' on a list"),
+    ],
+    ids=["set", "omap"],
+)
+def test_tagged_collection_is_refused(tmp_path: Path, replace: dict[int, str], line: int,
+                                      needle: str) -> None:
+    assert_refused(tmp_path, variant(replace), line, needle)
+
+
+@pytest.mark.parametrize(
+    ("replace", "line"),
+    [
+        ({25: "    subscribe: &subs [mas.event.health.>]"}, 25),  # an anchor alone
+        ({1: "version: &v 1", 8: "    description: *v"}, 1),
+        ({27: "      daily_digest: &x [*x]"}, 27),  # self-referential: RecursionError before
+        ({13: "      daily_summary: {description: *nowhere}"}, 13),  # undefined alias
+    ],
+    ids=["anchor", "alias", "recursive", "undefined"],
+)
+def test_anchors_and_aliases_are_refused(tmp_path: Path, replace: dict[int, str],
+                                         line: int) -> None:
+    assert_refused(tmp_path, variant(replace), line, "anchors and aliases are not allowed")
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # Each level nine aliases of the one before: a5 alone would expand to 9**6 (~530,000)
+    # strings. Small enough that a regression costs seconds, not the machine's memory; the
+    # real bombs (9**9 and beyond) are refused by the same check, before anything expands.
+    bomb = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    assert_refused(tmp_path, variant(append="\n".join(bomb) + "\n"), 28,
+                   "anchors and aliases are not allowed")
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [("null", "null"), ("~", "null"), ("true", "bool"), ("no", "bool"), ("1", "int"),
+     ("1.5", "float")],
+)
+def test_mapping_keys_must_be_names(tmp_path: Path, key: str, kind: str) -> None:
+    # Such keys used to become "None", "True", "1" ... silently.
+    err = assert_refused(tmp_path, variant({14: f"  {key}:"}), 14, "keys must be names")
+    assert f"reads as {kind}" in err.detail
+
+
+def test_quoted_key_is_a_name(tmp_path: Path) -> None:
+    # Quoting is the way out the message suggests; the key is then checked like any name.
+    policy = load_policy(write(tmp_path, variant({14: '  "true":'})))
+    assert "true" in policy.agents
+    assert_refused(tmp_path, variant({14: '  "1":'}), 14, "agents.1")
+
+
+def test_deeply_nested_yaml_is_one_error(tmp_path: Path) -> None:
+    err = refused(tmp_path, variant(append="extras: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert "nested too deeply" in err.detail
+
+
 def test_agent_named_like_a_service_is_a_duplicate_identity(tmp_path: Path) -> None:
     agent = ("  orchestrator:\n    description: Impostor.\n    kind: reactive\n"
              "    tier: isolated\n    actions:\n      plan: {description: Plan.}\n")

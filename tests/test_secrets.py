@@ -3,6 +3,7 @@ that name the file and the fix."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -11,6 +12,10 @@ from pathlib import Path
 
 import nkeys
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 
 from broker.errors import SecretsError
 from broker.policy import Policy, load_policy
@@ -280,6 +285,66 @@ def test_corrupt_trust_file(layout: SecretsLayout) -> None:
     with pytest.raises(SecretsError) as info:
         load_identity(layout, "health")
     assert_names_file_and_fix(info.value, layout.trust, "not a valid trust file")
+
+
+def test_non_ascii_seed(layout: SecretsLayout) -> None:
+    seed = layout.nkey_seed("health")
+    seed.write_bytes(b"SU\xc3\xa9\xff" + b"A" * 50 + b"\n")
+    with pytest.raises(SecretsError) as info:
+        load_identity(layout, "health")
+    assert_names_file_and_fix(info.value, seed, "not a valid nkey user seed", "not ASCII")
+    assert info.value.__cause__ is None  # the damaged seed bytes are not chained along
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("token_issuers", "rsa:AAAA"),
+        ("approvers", "ed25519:not*base64"),
+        ("envelope_keys", "ed25519:AAAA"),  # valid base64url, but not 32 bytes
+        ("envelope_keys", "ed25519:é"),
+    ],
+    ids=["prefix", "base64", "short", "non-ascii"],
+)
+def test_bad_key_in_trust_file(layout: SecretsLayout, field: str, bad: str) -> None:
+    data = json.loads(layout.trust.read_text())
+    if field == "envelope_keys":
+        data[field]["health"] = [bad]
+    else:
+        data[field] = [*data[field], bad]
+    layout.trust.write_text(json.dumps(data))
+    with pytest.raises(SecretsError) as info:
+        load_identity(layout, "health")
+    assert_names_file_and_fix(info.value, layout.trust, "not a valid trust file")
+    with pytest.raises(SecretsError) as info:
+        load_trust(layout)
+    assert_names_file_and_fix(info.value, layout.trust, "not a valid trust file")
+
+
+def _ed25519_pair() -> tuple[bytes, bytes]:
+    """A self-signed Ed25519 certificate and its key: well-formed, but not what TLS here uses."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "home")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .sign(key, None))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.mark.parametrize("with_key", [False, True], ids=["cert-only", "cert-and-key"])
+def test_certificate_with_a_non_ec_key(layout: SecretsLayout, with_key: bool) -> None:
+    cert_pem, key_pem = _ed25519_pair()
+    layout.tls_cert("home").write_bytes(cert_pem)
+    if with_key:
+        layout.tls_key("home").write_bytes(key_pem)
+    with pytest.raises(SecretsError) as info:
+        load_identity(layout, "home")
+    assert_names_file_and_fix(info.value, layout.tls_cert("home"),
+                              "expected a certificate for an EC (P-256) key")
 
 
 def test_loaded_identity_is_usable(layout: SecretsLayout) -> None:
