@@ -28,6 +28,12 @@ PLATFORM_SUBSCRIBES = ("mas.event.>", "mas.alert.>", "mas.heartbeat.>")
 AGENT_MAX_STREAMS = 1
 AGENT_MAX_CONSUMERS = 16
 AGENT_MAX_MEMORY = 1024 * 1024
+# Per-account caps, so one agent cannot take the connections or memory the platform needs.
+AGENT_MAX_CONNECTIONS = 8  # room for replicas (queue groups) and restarts
+AGENT_MAX_SUBSCRIPTIONS = 1000
+# How long the server keeps the reply mapping of a request an agent sent to the platform
+# (default 2 minutes): unanswered requests would otherwise pile up as server memory.
+PLATFORM_RESPONSE_THRESHOLD = "10s"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,13 @@ class Export:
     kind: Literal["service", "stream"]
     subject: str
     accounts: tuple[str, ...]
+    response_threshold: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int
+    max_subscriptions: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,7 @@ class Account:
     name: str
     identities: tuple[str, ...]
     jetstream: JetStreamLimits | None
+    limits: ConnectionLimits | None = None
     exports: list[Export] = field(default_factory=list)
     imports: list[Import] = field(default_factory=list)
 
@@ -81,11 +95,14 @@ def build_accounts(policy: Policy) -> list[Account]:
         agent = policy.agents[name]
         limits = JetStreamLimits(AGENT_MAX_MEMORY, size_bytes(agent.state_limit),
                                  AGENT_MAX_STREAMS, AGENT_MAX_CONSUMERS) if agent.state else None
-        accounts[subj.account(name)] = Account(subj.account(name), (name,), limits)
+        accounts[subj.account(name)] = Account(
+            subj.account(name), (name,), limits,
+            ConnectionLimits(AGENT_MAX_CONNECTIONS, AGENT_MAX_SUBSCRIPTIONS))
 
     all_agents = tuple(subj.account(a) for a in agents)
     for service in subj.ORCH_SERVICES:
-        platform.exports.append(Export("service", service, all_agents))
+        platform.exports.append(Export("service", service, all_agents,
+                                       response_threshold=PLATFORM_RESPONSE_THRESHOLD))
     platform.exports.append(Export("stream", subj.REVOCATIONS, all_agents))
     readers = tuple(subj.account(a) for a in agents if "audit" in policy.agents[a].read_streams)
     if readers:

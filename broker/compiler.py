@@ -65,7 +65,11 @@ def _jetstream(limits: JetStreamLimits | None) -> list[str]:
 
 
 def _account(account: Account, users: list[Permissions]) -> list[str]:
-    out = [f"  {account.name}: {{", *_jetstream(account.jetstream), "    users: ["]
+    out = [f"  {account.name}: {{", *_jetstream(account.jetstream)]
+    if account.limits is not None:
+        out.append(f"    limits: {{ max_connections: {account.limits.max_connections}, "
+                   f"max_subscriptions: {account.limits.max_subscriptions} }}")
+    out.append("    users: [")
     for perms in users:
         out += _user(perms, "      ")
     out.append("    ]")
@@ -73,7 +77,9 @@ def _account(account: Account, users: list[Permissions]) -> list[str]:
         out.append("    exports: [")
         for e in account.exports:
             targets = ", ".join(_q(a) for a in e.accounts)
-            out.append(f"      {{ {e.kind}: {_q(e.subject)}, accounts: [{targets}] }}")
+            threshold = (f", response_threshold: {_q(e.response_threshold)}"
+                         if e.response_threshold else "")
+            out.append(f"      {{ {e.kind}: {_q(e.subject)}, accounts: [{targets}]{threshold} }}")
         out.append("    ]")
     if account.imports:
         out.append("    imports: [")

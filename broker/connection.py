@@ -8,6 +8,8 @@ log events and are kept (bounded) on ``BrokerClient.violations``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import ssl
 from collections import deque
@@ -143,6 +145,12 @@ class BrokerClient:
         on_refused: RefusalHandler | None = None,
     ) -> Subscription:
         async def deliver(msg: Msg) -> None:
+            if not subj.within(msg.subject, subject):
+                # JetStream push delivery keeps the stored subject: an agent's own stream
+                # could otherwise hand us validly signed messages under any subject name.
+                log.warning("broker.subject_mismatch", identity=self.identity,
+                            subscribed=subject, subject=msg.subject)
+                return
             try:
                 signed = self.open(msg)
             except EnvelopeError as exc:
@@ -173,8 +181,10 @@ async def connect(
     """Connect as ``material.identity`` with its nkey, client certificate and inbox prefix."""
     verifier = EnvelopeVerifier(material.trust.sender_rings(), nonces=nonces)
     holder: list[BrokerClient] = []
+    last_error: list[str] = []
 
     async def error_cb(error: Exception) -> None:
+        last_error[:] = [str(error) or type(error).__name__]
         violation = parse_violation(material.identity, error)
         if violation is not None:
             if holder:
@@ -197,7 +207,8 @@ async def connect(
 
     nc = NATS()
     try:
-        await nc.connect(
+        # nats-py retries a refused first login forever; bound it and say why it failed.
+        await asyncio.wait_for(nc.connect(
             servers=servers,
             name=name or material.identity,
             tls=tls_context(material),
@@ -210,10 +221,13 @@ async def connect(
             allow_reconnect=True,
             max_reconnect_attempts=max_reconnect_attempts,
             reconnect_time_wait=1,
-        )
+        ), timeout=connect_timeout * 3 + 1)
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        reason = last_error[0] if last_error else (str(exc) or type(exc).__name__)
         raise BrokerError(
-            f"cannot connect to {servers} as {material.identity}: {exc or type(exc).__name__}; "
+            f"cannot connect to {servers} as {material.identity}: {reason}; "
             "is the broker running (`mas up`) and were secrets made by `mas init`?"
         ) from exc
     client = BrokerClient(nc, material, verifier)

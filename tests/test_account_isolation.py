@@ -7,13 +7,21 @@ Each test is one of the exploits a review proved against a single-account config
 from __future__ import annotations
 
 import asyncio
+import json
 
 import nats.errors
 import pytest
+import structlog
+from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, StreamConfig
 
+from broker import connection
 from broker import subjects as subj
-from tests.conftest import ConnectAs, settle
+from broker.accounts import AGENT_MAX_CONNECTIONS, AGENT_MAX_SUBSCRIPTIONS
+from broker.connection import SignedMessage
+from broker.errors import BrokerError
+from broker.secrets import load_identity
+from tests.conftest import ConnectAs, RunningBroker, settle
 
 REFUSED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError)
 
@@ -88,3 +96,82 @@ async def test_a_stateless_agent_has_no_jetstream_at_all(connect_as: ConnectAs) 
     with pytest.raises(REFUSED):
         await asyncio.wait_for(rogue.nc.jetstream(timeout=0.5).create_key_value(
             bucket=subj.kv_bucket("notify")), 1)
+
+
+async def test_one_agent_cannot_take_every_connection(
+    fresh_broker: RunningBroker, connect_fresh: ConnectAs
+) -> None:
+    """Each agent account has its own connection cap; the platform still gets in."""
+    material = load_identity(fresh_broker.secrets, "notify")
+    held = []
+    try:
+        for _ in range(AGENT_MAX_CONNECTIONS):
+            held.append(await connection.connect(material, fresh_broker.url,
+                                                 max_reconnect_attempts=0))
+        with pytest.raises(BrokerError, match="maximum account active connections"):
+            held.append(await connection.connect(material, fresh_broker.url,
+                                                 max_reconnect_attempts=0, connect_timeout=1))
+        await fresh_broker.wait_for_log("maximum account active connections exceeded")
+        orch = await connect_fresh("orchestrator")
+        await orch.nc.flush(timeout=3)
+    finally:
+        for client in held:
+            client.closing = True
+            await client.nc.close()
+
+
+async def test_one_agent_cannot_subscribe_without_bound(
+    fresh_broker: RunningBroker, connect_fresh: ConnectAs
+) -> None:
+    rogue = await connect_fresh("notify")
+
+    async def ignore(_msg: Msg) -> None:
+        return None
+
+    for i in range(AGENT_MAX_SUBSCRIPTIONS + 10):
+        await rogue.nc.subscribe(f"_INBOX_notify.flood{i}", cb=ignore)
+    line = await fresh_broker.wait_for_log("maximum subscriptions exceeded", timeout=5)
+    assert f"AGENT_NOTIFY/nkey:{rogue.material.nkey_public}" in line
+
+
+async def test_stored_messages_cannot_arrive_under_a_foreign_subject(
+    connect_fresh: ConnectAs,
+) -> None:
+    """JetStream push delivery keeps each stored message's subject. An agent that stores
+    messages it signed for subjects of its choice and has them pushed to a platform
+    service must not get them past the platform's subscription under those names."""
+    orch, rogue = await connect_fresh("orchestrator"), await connect_fresh("health")
+    seen: list[str] = []
+
+    async def handle(msg: SignedMessage) -> None:
+        seen.append(msg.subject)
+
+    await orch.subscribe(subj.REGISTER, handle)
+    await settle(orch)
+    bucket = subj.kv_bucket("health")
+    transform = {"src": f"$KV.{bucket}.*.*.*.*",
+                 "dest": "{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{wildcard(4)}}"}
+    created = await rogue.nc.request(
+        f"$JS.API.STREAM.CREATE.KV_{bucket}",
+        json.dumps({"name": f"KV_{bucket}", "subjects": [f"$KV.{bucket}.>"],
+                    "max_bytes": 1024 * 1024, "subject_transform": transform}).encode(),
+        timeout=3)
+    assert b'"error"' not in created.data, created.data
+    spoofed = "mas.admin.approve.wf1"
+    body = b'{"approve": true}'
+    await rogue.nc.request(f"$KV.{bucket}.{spoofed}", body, timeout=3,
+                           headers=rogue.signer.seal(spoofed, body))
+    with structlog.testing.capture_logs() as logs:
+        await rogue.nc.request(
+            f"$JS.API.CONSUMER.CREATE.KV_{bucket}.relay",
+            json.dumps({"stream_name": f"KV_{bucket}", "config": {
+                "durable_name": "relay", "deliver_policy": "all", "ack_policy": "none",
+                "deliver_subject": subj.REGISTER}}).encode(), timeout=3)
+        for _ in range(100):
+            if any(e["event"] == "broker.subject_mismatch" for e in logs):
+                break
+            await asyncio.sleep(0.02)
+    assert seen == []
+    mismatches = [e for e in logs if e["event"] == "broker.subject_mismatch"]
+    assert mismatches
+    assert mismatches[0]["subject"] == spoofed

@@ -314,3 +314,23 @@ def test_drift_when_config_missing(tmp_path: Path) -> None:
     assert difference is not None
     assert "does not exist" in difference
     assert str(missing) in difference
+
+
+@pytest.mark.parametrize("policy_key", sorted(POLICIES))
+def test_accounts_cap_what_one_agent_can_hold(policy_key: str) -> None:
+    """Connections and subscriptions per agent account, and a short life for the reply
+    mappings of requests agents send to the platform (else they pile up in memory)."""
+    accounts = build_accounts(POLICIES[policy_key])
+    for account in accounts:
+        if account.name == subj.PLATFORM_ACCOUNT:
+            services = [e for e in account.exports if e.kind == "service"]
+            assert services
+            assert all(e.response_threshold == "10s" for e in services)
+        else:
+            assert account.limits is not None
+            assert account.limits.max_connections <= 16
+            assert account.limits.max_subscriptions <= 10_000
+    text = compile_config(POLICIES[policy_key])
+    agents = len(POLICIES[policy_key].agents)
+    assert text.count("    limits: { max_connections: ") == agents
+    assert text.count('response_threshold: "10s"') == len(subj.ORCH_SERVICES)
