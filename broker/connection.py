@@ -181,10 +181,17 @@ async def connect(
     """Connect as ``material.identity`` with its nkey, client certificate and inbox prefix."""
     verifier = EnvelopeVerifier(material.trust.sender_rings(), nonces=nonces)
     holder: list[BrokerClient] = []
-    last_error: list[str] = []
+    server_said: list[str] = []  # the server's own refusal beats the socket errors after it
+    io_errors: list[str] = []
 
     async def error_cb(error: Exception) -> None:
-        last_error[:] = [str(error) or type(error).__name__]
+        text = str(error) or type(error).__name__
+        # nats-py raises exactly Error (or AuthorizationError) for a server's -ERR line;
+        # its subclasses (connection closed, timeouts) are consequences, not reasons.
+        if type(error) is nats.errors.Error or isinstance(error, nats.errors.AuthorizationError):
+            server_said[:] = [text]
+        else:
+            io_errors[:] = [text]
         violation = parse_violation(material.identity, error)
         if violation is not None:
             if holder:
@@ -225,7 +232,7 @@ async def connect(
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        reason = last_error[0] if last_error else (str(exc) or type(exc).__name__)
+        reason = next(iter(server_said or io_errors), str(exc) or type(exc).__name__)
         raise BrokerError(
             f"cannot connect to {servers} as {material.identity}: {reason}; "
             "is the broker running (`mas up`) and were secrets made by `mas init`?"
