@@ -11,6 +11,7 @@ start and after every reconnect, so a change missed while disconnected is not lo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Literal
 
@@ -27,6 +28,7 @@ from security.revocation import Revocation, RevocationSet
 log = structlog.get_logger("mas.broker")
 ISSUER = "orchestrator"
 MAX_ENTRIES = 10_000
+SNAPSHOT_ATTEMPTS = 8  # about 10 s of backoff while the orchestrator starts
 
 
 class RevocationChange(BaseModel):
@@ -69,6 +71,9 @@ class RevocationAuthority:
                 log.warning("revocation.malformed_entry", key=key)
         authority = cls(client, kv, revocations)
         await client.subscribe(subj.REVOCATION_SNAPSHOT, authority._serve_snapshot)
+        # One flush does not guarantee the server registered the subscription.
+        await client.nc.flush()
+        await client.nc.flush()
         return authority
 
     async def _serve_snapshot(self, msg: SignedMessage) -> None:
@@ -101,11 +106,22 @@ class RevocationFollower:
         await self.resync()
         self.client.reconnect_hooks.append(self.resync)
 
+    async def _fetch(self) -> SignedMessage:
+        """The snapshot reply, waiting out an orchestrator that is not up yet."""
+        delay = 0.1
+        for _ in range(SNAPSHOT_ATTEMPTS - 1):
+            try:
+                return await self.client.request(subj.REVOCATION_SNAPSHOT, b"{}", timeout=5)
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return await self.client.request(subj.REVOCATION_SNAPSHOT, b"{}", timeout=5)
+
     async def resync(self) -> None:
         """Load the orchestrator's snapshot; changes that arrive meanwhile win over it."""
         self._touched = set()
         try:
-            reply = await self.client.request(subj.REVOCATION_SNAPSHOT, b"{}", timeout=5)
+            reply = await self._fetch()
             if reply.sender != ISSUER:
                 raise BrokerError(f"revocation snapshot signed by {reply.sender!r}")
             snapshot = RevocationSnapshot.model_validate_json(reply.data)

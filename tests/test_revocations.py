@@ -143,3 +143,17 @@ async def test_expired_jti_entries_are_forgotten(connect_as: ConnectAs) -> None:
     assert [e.target for e in follower.revocations.entries()] == ["still_live1"]
     await authority.lift("jti", "long_gone_1")
     await authority.lift("jti", "still_live1")
+
+
+async def test_an_agent_started_before_the_orchestrator_waits_for_it(
+    connect_as: ConnectAs,
+) -> None:
+    """Agents may come up first (compose starts them in parallel): the follower retries
+    the snapshot until the orchestrator answers instead of failing."""
+    agent = await connect_as("notify")
+    follower = RevocationFollower(agent)
+    starting = asyncio.create_task(follower.start())
+    await asyncio.sleep(0.3)
+    assert not starting.done()
+    await RevocationAuthority.start(await connect_as("orchestrator"))
+    await asyncio.wait_for(starting, 10)
