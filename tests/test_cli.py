@@ -360,26 +360,44 @@ def test_init_force_replaces(folder: Path) -> None:
 # --- up for real ----------------------------------------------------------------------------
 
 
+def assign_free_ports(folder: Path) -> None:
+    """Point the policy's listen and monitor addresses at free ports and recompile."""
+    policy = folder / "policy.yaml"
+    text = re.sub(r"listen: 127\.0\.0\.1:\d+", f"listen: 127.0.0.1:{free_port()}",
+                  policy.read_text())
+    text = re.sub(r"monitor: 127\.0\.0\.1:\d+", f"monitor: 127.0.0.1:{free_port()}", text)
+    policy.write_text(text)
+    assert mas(folder, "policy", "compile").returncode == 0
+
+
 @pytest.fixture
 def up_folder(ready: Path) -> Path:
     """An initialised project whose policy uses free ports, compiled after the edit."""
-    policy = ready / "policy.yaml"
-    text = policy.read_text()
+    text = (ready / "policy.yaml").read_text()
     assert "listen: 127.0.0.1:4222" in text
     assert "monitor: 127.0.0.1:8222" in text
-    text = text.replace("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{free_port()}")
-    text = text.replace("monitor: 127.0.0.1:8222", f"monitor: 127.0.0.1:{free_port()}")
-    policy.write_text(text)
-    assert mas(ready, "policy", "compile").returncode == 0
+    assign_free_ports(ready)
     return ready
 
 
 @pytest.fixture
 def running(up_folder: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
     # Its own session, so cleanup can reach the nats-server child even if `mas up` is stuck.
-    proc = subprocess.Popen([*MAS, "up"], cwd=up_folder, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines: list[str] = []
+    # A port free when picked can be taken before nats-server binds it (another process's
+    # ephemeral port): on exactly that error, pick new ports, at most three times.
+    for _attempt in range(3):
+        proc = subprocess.Popen([*MAS, "up"], cwd=up_folder, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        lines: list[str] = []
+        if read_until(proc, lines, "broker ready", 20) or proc.poll() is None:
+            break
+        _, err = proc.communicate(timeout=10)
+        if "address already in use" not in err:
+            proc.stderr = None
+            lines.append(err)
+            break
+        assign_free_ports(up_folder)
     try:
         yield proc, lines
     finally:
