@@ -24,7 +24,6 @@ from broker.policy import Agent, Policy, size_bytes
 
 PLATFORM = subj.PLATFORM_ACCOUNT
 SERVICES = ("orchestrator", "control", "operator")
-PLATFORM_SUBSCRIBES = ("mas.event.>", "mas.alert.>", "mas.heartbeat.>")
 AGENT_MAX_STREAMS = 1
 AGENT_MAX_CONSUMERS = 16
 AGENT_MAX_MEMORY = 1024 * 1024
@@ -118,7 +117,7 @@ def build_accounts(policy: Policy) -> list[Account]:
         if "audit" in agent.read_streams:
             acct.imports.append(Import("stream", PLATFORM, subj.AUDIT_FEED))
         for grant in agent_publishes(name, agent):
-            readers_of = [PLATFORM] if any(subj.overlaps(grant, s) for s in PLATFORM_SUBSCRIBES) \
+            readers_of = [PLATFORM] if any(subj.overlaps(grant, s) for s in subj.PLATFORM_FEEDS) \
                 else []
             for other in agents:
                 if other == name:

@@ -12,14 +12,11 @@ import json
 from pathlib import Path
 
 from broker.accounts import Account, JetStreamLimits, build_accounts
+from broker.layout import RELATIVE
 from broker.permissions import Permissions, all_permissions
 from broker.policy import Policy, size_bytes
 
 CONFIG_NAME = "nats-server.conf"
-INCLUDE_PATH = "secrets/nats/identities.conf"
-SERVER_CERT = "secrets/nats/server.crt"
-SERVER_KEY = "secrets/nats/server.key"
-CA_CERT = "secrets/ca.crt"
 RESPONSE_TTL = "2m"
 
 
@@ -100,7 +97,7 @@ def compile_config(policy: Policy) -> str:
         "# Per-install values (each identity's nkey public key) come from the include",
         "# below, written by `mas init`. Paths are relative to the project root, where",
         "# `mas up` runs nats-server.",
-        f"include {_q(INCLUDE_PATH)}",
+        f"include {_q(RELATIVE.nats_include.as_posix())}",
         "",
         'server_name: "mas"',
         f"listen: {_q(b.listen)}",
@@ -110,9 +107,9 @@ def compile_config(policy: Policy) -> str:
         "",
         "# Mutual TLS 1.3: every client presents a certificate from this install's CA.",
         "tls {",
-        f"  cert_file: {_q(SERVER_CERT)}",
-        f"  key_file: {_q(SERVER_KEY)}",
-        f"  ca_file: {_q(CA_CERT)}",
+        f"  cert_file: {_q(RELATIVE.server_cert.as_posix())}",
+        f"  key_file: {_q(RELATIVE.server_key.as_posix())}",
+        f"  ca_file: {_q(RELATIVE.ca_cert.as_posix())}",
         "  verify: true",
         '  min_version: "1.3"',
         "  timeout: 2",
@@ -134,13 +131,6 @@ def compile_config(policy: Policy) -> str:
         lines += _account(account, [perms[i] for i in account.identities])
     lines += ["}", ""]
     return "\n".join(lines)
-
-
-def identities_include(nkeys: dict[str, str]) -> str:
-    """The per-install include: one variable per identity holding its nkey public key."""
-    lines = ["# Written by `mas init`: this install's nkey public keys. Not secret, not shared."]
-    lines += [f"{nkey_variable(name)}: {_q(key)}" for name, key in sorted(nkeys.items())]
-    return "\n".join(lines) + "\n"
 
 
 def drift(policy: Policy, config_path: Path) -> str | None:

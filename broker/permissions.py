@@ -118,10 +118,7 @@ def service_permissions(name: str) -> Permissions:
             identity=name,
             role="orchestrator",
             publish_allow=tuple(dict.fromkeys(publish)),
-            subscribe_allow=(
-                "mas.orch.>", "mas.admin.>", "mas.event.>", "mas.alert.>", "mas.heartbeat.>",
-                inbox,
-            ),
+            subscribe_allow=("mas.orch.>", "mas.admin.>", *subj.PLATFORM_FEEDS, inbox),
             publish_deny=AUDIT_DENY,
             allow_responses=True,
             notes=(f"KV {', '.join(buckets)}: read/write", f"stream {subj.AUDIT_STREAM}: append"),
@@ -143,7 +140,7 @@ def service_permissions(name: str) -> Permissions:
             identity=name,
             role="operator",
             publish_allow=tuple(dict.fromkeys(publish)),
-            subscribe_allow=("mas.alert.>", "mas.event.>", "mas.heartbeat.>", inbox),
+            subscribe_allow=(*subj.PLATFORM_FEEDS, inbox),
             notes=(f"KV {', '.join(buckets)}: read-only", f"stream {subj.AUDIT_STREAM}: read-only"),
         )
     raise ValueError(f"unknown service {name!r}")

@@ -20,12 +20,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import nkeys
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from broker.compiler import INCLUDE_PATH, identities_include
+from broker.compiler import nkey_variable
 from broker.errors import SecretsError
+from broker.layout import SecretsLayout
 from broker.policy import Policy
 from security import pki
 from security.errors import SecurityError
@@ -42,39 +44,28 @@ from security.keys import (
 FIX = "run `mas init` to create what is missing, or `mas init --force` to start over"
 
 
+def _public_key(text: str) -> str:
+    try:
+        VerifyKey.from_text(text)
+    except SecurityError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+# Every key must parse when trust.json is loaded, so a bad one is reported against the
+# file (load_trust turns the ValidationError into a SecretsError) and not later, mid-run.
+PublicKeyText = Annotated[str, AfterValidator(_public_key)]
+
+
 class Trust(BaseModel):
     """Public keys of this install: who signs envelopes, who may issue tokens and approve."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: int = 1
-    envelope_keys: dict[str, list[str]]
-    token_issuers: list[str]
-    approvers: list[str]
-
-    # Every key must parse when trust.json is loaded, so a bad one is reported against the
-    # file (load_trust turns the ValidationError into a SecretsError) and not later, mid-run.
-    @staticmethod
-    def _check_key(text: str) -> None:
-        try:
-            VerifyKey.from_text(text)
-        except SecurityError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("token_issuers", "approvers")
-    @classmethod
-    def _keys_parse(cls, keys: list[str]) -> list[str]:
-        for key in keys:
-            cls._check_key(key)
-        return keys
-
-    @field_validator("envelope_keys")
-    @classmethod
-    def _envelope_keys_parse(cls, keys: dict[str, list[str]]) -> dict[str, list[str]]:
-        for ring in keys.values():
-            for key in ring:
-                cls._check_key(key)
-        return keys
+    envelope_keys: dict[str, list[PublicKeyText]]
+    token_issuers: list[PublicKeyText]
+    approvers: list[PublicKeyText]
 
     def sender_rings(self) -> dict[str, KeyRing]:
         return {
@@ -87,50 +78,6 @@ class Trust(BaseModel):
 
     def approver_ring(self) -> KeyRing:
         return KeyRing(VerifyKey.from_text(k) for k in self.approvers)
-
-
-@dataclass(frozen=True)
-class SecretsLayout:
-    root: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.root / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def server_cert(self) -> Path:
-        return self.root / "nats" / "server.crt"
-
-    @property
-    def server_key(self) -> Path:
-        return self.root / "nats" / "server.key"
-
-    @property
-    def nats_include(self) -> Path:
-        return self.root / "nats" / "identities.conf"
-
-    @property
-    def trust(self) -> Path:
-        return self.root / "trust.json"
-
-    def identity_dir(self, identity: str) -> Path:
-        return self.root / identity
-
-    def nkey_seed(self, identity: str) -> Path:
-        return self.identity_dir(identity) / "nkey.seed"
-
-    def tls_cert(self, identity: str) -> Path:
-        return self.identity_dir(identity) / "tls.crt"
-
-    def tls_key(self, identity: str) -> Path:
-        return self.identity_dir(identity) / "tls.key"
-
-    def signing_key(self, identity: str) -> Path:
-        return self.identity_dir(identity) / "signing.key"
 
 
 @dataclass
@@ -180,12 +127,12 @@ def _load_nkey_seed(path: Path) -> tuple[str, str]:
 
 
 def _ensure_pair(
-    cert: Path, key: Path, make: pki.CertifiedKey | None, ca: pki.CertifiedKey,
-    force: bool, report: InitReport, issue: tuple[str, tuple[str, ...], bool],
+    cert: Path, key: Path, ca: pki.CertifiedKey, force: bool, report: InitReport, *,
+    common_name: str, client: bool, server_names: tuple[str, ...] = (),
 ) -> None:
+    """Issue a certificate if missing (or forced); otherwise check it is from our CA."""
     if force or not (cert.exists() or key.exists()):
-        cn, names, client = issue
-        pair = make or pki.issue_certificate(ca, cn, server_names=names, client=client)
+        pair = pki.issue_certificate(ca, common_name, server_names=server_names, client=client)
         pki.save(pair, cert, key)
         report.created += [cert, key]
         return
@@ -213,8 +160,8 @@ def init_secrets(policy: Policy, layout: SecretsLayout, *, force: bool = False) 
         except SecurityError as exc:
             raise SecretsError(f"{exc}; {FIX}") from None
         report.kept += [layout.ca_cert, layout.ca_key]
-    _ensure_pair(layout.server_cert, layout.server_key, None, ca, force, report,
-                 ("nats", tuple(policy.broker.server_names), False))
+    _ensure_pair(layout.server_cert, layout.server_key, ca, force, report, common_name="nats",
+                 client=False, server_names=tuple(policy.broker.server_names))
 
     nkey_publics: dict[str, str] = {}
     envelope_keys: dict[str, list[str]] = {}
@@ -226,8 +173,8 @@ def init_secrets(policy: Policy, layout: SecretsLayout, *, force: bool = False) 
         else:
             report.kept.append(seed_path)
         nkey_publics[identity] = _load_nkey_seed(seed_path)[1]
-        _ensure_pair(layout.tls_cert(identity), layout.tls_key(identity), None, ca, force, report,
-                     (identity, (), True))
+        _ensure_pair(layout.tls_cert(identity), layout.tls_key(identity), ca, force, report,
+                     common_name=identity, client=True)
         key_path = layout.signing_key(identity)
         if force or not key_path.exists():
             save_signing_key(key_path, SigningKey.generate())
@@ -282,5 +229,12 @@ def load_identity(layout: SecretsLayout, identity: str) -> IdentityMaterial:
     )
 
 
-__all__ = ["INCLUDE_PATH", "IdentityMaterial", "SecretsLayout", "Trust", "init_secrets",
-           "load_identity", "load_trust"]
+def identities_include(nkeys: dict[str, str]) -> str:
+    """The per-install include: one variable per identity holding its nkey public key."""
+    lines = ["# Written by `mas init`: this install's nkey public keys. Not secret, not shared."]
+    lines += [f"{nkey_variable(name)}: {json.dumps(key)}" for name, key in sorted(nkeys.items())]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["IdentityMaterial", "SecretsLayout", "Trust", "init_secrets", "load_identity",
+           "load_trust"]

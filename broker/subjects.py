@@ -24,6 +24,8 @@ REVOCATIONS = "mas.revocation.>"
 AUDIT_FEED = "mas.audit.>"
 ORCH_SERVICES = (TOKEN_REQUEST, APPROVAL_REQUEST, REGISTER, REVOCATION_SNAPSHOT)
 PLATFORM_ACCOUNT = "PLATFORM"
+# What the platform identities read from agents; accounts.py imports exactly this.
+PLATFORM_FEEDS = ("mas.event.>", "mas.alert.>", "mas.heartbeat.>")
 
 
 def account(agent: str) -> str:

@@ -28,7 +28,7 @@ class Project:
 
     @property
     def secrets(self) -> SecretsLayout:
-        return SecretsLayout(self.root / "secrets")
+        return SecretsLayout.in_project(self.root)
 
     @property
     def data_dir(self) -> Path:
