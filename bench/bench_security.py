@@ -152,11 +152,9 @@ class Broker:
 
 
 async def settle(*clients: BrokerClient) -> None:
-    """Make sure the server has processed every (un)subscription (two flushes, as the
-    test fixtures do)."""
+    """Make sure the server has processed every (un)subscription."""
     for client in clients:
-        await client.nc.flush(timeout=5)
-        await client.nc.flush(timeout=5)
+        await client.sync()
 
 
 # --------------------------------------------------------------------------- micro

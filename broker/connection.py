@@ -163,6 +163,12 @@ class BrokerClient:
 
         return await self.nc.subscribe(subject, queue=queue, cb=deliver)
 
+    async def sync(self, timeout: float = 5.0) -> None:
+        """Return once the server has processed everything sent so far, subscriptions
+        included. One flush is not enough for that with nats-py (ENVIRONMENT.md)."""
+        await self.nc.flush(timeout=timeout)
+        await self.nc.flush(timeout=timeout)
+
     async def close(self) -> None:
         self.closing = True
         if not self.nc.is_closed:

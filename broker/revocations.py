@@ -71,9 +71,7 @@ class RevocationAuthority:
                 log.warning("revocation.malformed_entry", key=key)
         authority = cls(client, kv, revocations)
         await client.subscribe(subj.REVOCATION_SNAPSHOT, authority._serve_snapshot)
-        # One flush does not guarantee the server registered the subscription.
-        await client.nc.flush()
-        await client.nc.flush()
+        await client.sync()
         return authority
 
     async def _serve_snapshot(self, msg: SignedMessage) -> None:
@@ -102,7 +100,7 @@ class RevocationFollower:
 
     async def start(self) -> None:
         await self.client.subscribe(subj.REVOCATIONS, self._on_change)
-        await self.client.nc.flush()
+        await self.client.sync()  # a change broadcast before the snapshot must not be missed
         await self.resync()
         self.client.reconnect_hooks.append(self.resync)
 

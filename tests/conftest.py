@@ -152,8 +152,6 @@ async def wait_for_violation(
 
 
 async def settle(*clients: connection.BrokerClient) -> None:
-    """Make sure the server has processed every subscription of ``clients`` (flush twice:
-    one flush alone is not enough, see ENVIRONMENT.md)."""
+    """Make sure the server has processed every subscription of ``clients``."""
     for client in clients:
-        await client.nc.flush(timeout=3)
-        await client.nc.flush(timeout=3)
+        await client.sync(timeout=3)
