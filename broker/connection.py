@@ -163,7 +163,7 @@ class BrokerClient:
 
         return await self.nc.subscribe(subject, queue=queue, cb=deliver)
 
-    async def sync(self, timeout: float = 5.0) -> None:
+    async def sync(self, timeout: int = 5) -> None:
         """Return once the server has processed everything sent so far, subscriptions
         included. One flush is not enough for that with nats-py (ENVIRONMENT.md)."""
         await self.nc.flush(timeout=timeout)

@@ -246,5 +246,7 @@ async def test_violations_are_in_the_server_log_with_the_authenticated_key(
     rogue = await connect_as("notify")
     await rogue.nc.publish("mas.agent.home.call_service", b"unlock")
     await wait_for_violation(rogue, "publish", "mas.agent.home.call_service")
-    line = await broker.wait_for_log('Publish Violation - Subject "mas.agent.home.call_service"')
-    assert f"nkey:{rogue.material.nkey_public}" in line
+    line = await broker.wait_for_log(
+        f'nkey:{rogue.material.nkey_public}" - Publish Violation - Subject '
+        '"mas.agent.home.call_service"')
+    assert "AGENT_NOTIFY/" in line
