@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -26,16 +27,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+def make_project(root: Path) -> Project:
     """A project folder with the repository's policy, its own secrets and compiled config."""
-    root = tmp_path_factory.mktemp("project")
+    root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
     proj = Project(root)
     policy = proj.policy()
     init_secrets(policy, proj.secrets)
     proj.config_path.write_text(compile_config(policy))
     return proj
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return make_project(tmp_path_factory.mktemp("project"))
 
 
 class RunningBroker:
@@ -93,12 +98,7 @@ ConnectAs = Callable[[str], Awaitable[connection.BrokerClient]]
 def fresh_broker(tmp_path: Path) -> Iterator[RunningBroker]:
     """A broker of the test's own (new project, new secrets, empty JetStream), for tests
     that need streams nobody else created. Costs about a second."""
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
-    proj = Project(root)
-    init_secrets(proj.policy(), proj.secrets)
-    proj.config_path.write_text(compile_config(proj.policy()))
+    proj = make_project(tmp_path / "project")
     server = start_broker(proj, tmp_path)
     try:
         yield RunningBroker(server, proj)
@@ -149,6 +149,17 @@ async def wait_for_violation(
         f"no {operation} violation for {subject!r} reported to {client.identity}; "
         f"saw {list(client.violations)}"
     )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 2.0,
+                     what: str = "condition") -> float:
+    """Seconds until ``predicate()`` holds; fails the test if it does not within ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
 
 
 async def settle(*clients: connection.BrokerClient) -> None:

@@ -21,7 +21,7 @@ from broker.accounts import AGENT_MAX_CONNECTIONS, AGENT_MAX_SUBSCRIPTIONS
 from broker.connection import SignedMessage
 from broker.errors import BrokerError
 from broker.secrets import load_identity
-from tests.conftest import ConnectAs, RunningBroker, settle
+from tests.conftest import ConnectAs, RunningBroker, eventually, settle
 
 REFUSED = (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError)
 
@@ -167,10 +167,8 @@ async def test_stored_messages_cannot_arrive_under_a_foreign_subject(
             json.dumps({"stream_name": f"KV_{bucket}", "config": {
                 "durable_name": "relay", "deliver_policy": "all", "ack_policy": "none",
                 "deliver_subject": subj.REGISTER}}).encode(), timeout=3)
-        for _ in range(100):
-            if any(e["event"] == "broker.subject_mismatch" for e in logs):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: any(e["event"] == "broker.subject_mismatch" for e in logs),
+                         what="the subject-mismatch refusal")
     assert seen == []
     mismatches = [e for e in logs if e["event"] == "broker.subject_mismatch"]
     assert mismatches

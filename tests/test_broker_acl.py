@@ -15,7 +15,14 @@ from nats.js.api import DiscardPolicy, StreamConfig
 
 from broker import subjects as subj
 from broker.policy import load_policy
-from tests.conftest import REPO, ConnectAs, RunningBroker, settle, wait_for_violation
+from tests.conftest import (
+    REPO,
+    ConnectAs,
+    RunningBroker,
+    eventually,
+    settle,
+    wait_for_violation,
+)
 
 POLICY = load_policy(REPO / "policy.yaml")
 AGENTS = sorted(POLICY.agents)
@@ -224,10 +231,7 @@ async def test_audit_reader_sees_records_live_but_cannot_write(connect_as: Conne
     await reader.nc.subscribe(subj.AUDIT_FEED, cb=feed.cb)
     await settle(reader)
     await orch_js.publish("mas.audit.read_test", b"visible")
-    for _ in range(100):
-        if feed.messages:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: bool(feed.messages), what="the audit record on the live feed")
     assert [m.data for m in feed.messages] == [b"visible"]
     await reader.nc.publish("mas.audit.forged", b"x")
     await wait_for_violation(reader, "publish", "mas.audit.forged")

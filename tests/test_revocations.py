@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -16,16 +15,7 @@ from broker.revocations import RevocationAuthority, RevocationFollower
 from security.errors import TokenRevoked
 from security.revocation import Revocation
 from security.tokens import CapabilityClaims, TokenIssuer, TokenVerifier
-from tests.conftest import ConnectAs, settle, wait_for_violation
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not reached within {timeout}s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - start
+from tests.conftest import ConnectAs, eventually, settle, wait_for_violation
 
 
 def _revoked(verifier: TokenVerifier, follower: RevocationFollower, token: str) -> bool:
@@ -54,16 +44,16 @@ async def test_revocation_reaches_the_agent_within_a_second(connect_as: ConnectA
     assert not _revoked(verifier, follower, token_a)
 
     await authority.revoke(_jti(claims_a))
-    assert await _until(lambda: _revoked(verifier, follower, token_a)) < 1.0
+    assert await eventually(lambda: _revoked(verifier, follower, token_a)) < 1.0
     assert not _revoked(verifier, follower, token_b)
 
     await authority.revoke(Revocation(kind="agent", target="health",
                                       revoked_at=int(time.time()) + 1, reason="kill switch"))
-    assert await _until(lambda: _revoked(verifier, follower, token_b)) < 1.0
+    assert await eventually(lambda: _revoked(verifier, follower, token_b)) < 1.0
 
     await authority.lift("agent", "health")
     await authority.lift("jti", claims_a.jti)
-    await _until(lambda: not _revoked(verifier, follower, token_b)
+    await eventually(lambda: not _revoked(verifier, follower, token_b)
                  and not _revoked(verifier, follower, token_a))
 
 
@@ -139,7 +129,7 @@ async def test_expired_jti_entries_are_forgotten(connect_as: ConnectAs) -> None:
                                       expires_at=now - 50))
     await authority.revoke(Revocation(kind="jti", target="still_live1", revoked_at=now,
                                       expires_at=now + 600))
-    await _until(lambda: any(e.target == "still_live1" for e in follower.revocations.entries()))
+    await eventually(lambda: any(e.target == "still_live1" for e in follower.revocations.entries()))
     assert [e.target for e in follower.revocations.entries()] == ["still_live1"]
     await authority.lift("jti", "long_gone_1")
     await authority.lift("jti", "still_live1")
