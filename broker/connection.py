@@ -140,6 +140,22 @@ class BrokerClient:
         headers = self._headers(reply_binding(request.nonce), data, None)
         await self.nc.publish(reply, data, headers=headers)
 
+    async def answer_unverified(self, msg: Msg, payload: Payload,
+                                commander: str = "orchestrator") -> None:
+        """Answer a request whose envelope did not verify (with a refusal), so the caller
+        learns why instead of timing out. Only to ``commander``'s inbox or a response
+        subject the server mapped; the answer is sealed for the nonce the request
+        claimed, so it verifies only as the reply to that request."""
+        reply = msg.reply
+        nonce = (msg.headers or {}).get(H_NONCE)
+        if not reply or not nonce or not reply.startswith(
+                (f"{subj.inbox_prefix(commander)}.", RESPONSE_PREFIX)):
+            return
+        data = _bytes(payload)
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(reply, data,
+                                  headers=self._headers(reply_binding(nonce), data, None))
+
     async def subscribe(
         self, subject: str, handler: Handler, *, queue: str = "",
         on_refused: RefusalHandler | None = None,

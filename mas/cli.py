@@ -23,6 +23,7 @@ from broker.errors import BrokerError, ServerError
 from broker.permissions import all_permissions
 from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
+from mas.agent_cli import agent_app
 from mas.project import Project, find_project
 from security.errors import SecurityError
 
@@ -30,6 +31,7 @@ app = typer.Typer(help="Multi-Agent Assistant: a security-first agent platform o
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 policy_app = typer.Typer(help="Compile and inspect the central policy.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+app.add_typer(agent_app, name="agent")
 
 out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[

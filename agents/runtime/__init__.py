@@ -1,0 +1,12 @@
+"""The agent runtime: everything an agent needs from the broker and the security layers,
+so that an agent's own module holds only its domain logic."""
+
+from agents.runtime.context import Context, Event, MemoryState, State, load_model, save_model
+from agents.runtime.declare import Agent, DeclarationError
+from protocol.actions import Proposal
+from protocol.explain import Explanation
+
+__all__ = [
+    "Agent", "Context", "DeclarationError", "Event", "Explanation", "MemoryState", "Proposal",
+    "State", "load_model", "save_model",
+]

@@ -1,0 +1,115 @@
+"""What a handler gets besides its arguments: a logger, its state, a way to emit events
+and to propose actions. Backed by the broker in production and by memory in an agent's
+own unit tests (``Context.offline``), so domain code never touches NATS."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from pydantic import BaseModel, JsonValue
+
+from protocol.actions import Proposal
+from protocol.explain import Explanation
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class State(Protocol):
+    """An agent's own key-value state (its ``agent_<name>`` KV bucket)."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def keys(self) -> list[str]: ...
+
+
+class MemoryState:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    async def keys(self) -> list[str]:
+        return sorted(self.data)
+
+
+async def load_model(state: State, key: str, model: type[M]) -> M | None:
+    raw = await state.get(key)
+    return None if raw is None else model.model_validate_json(raw)
+
+
+async def save_model(state: State, key: str, value: BaseModel) -> None:
+    await state.put(key, value.model_dump_json().encode())
+
+
+Publish = Callable[[str, BaseModel], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A verified message from a subscription: ``sender`` is authenticated."""
+
+    subject: str
+    data: bytes
+    sender: str
+    trace_id: str | None = None
+
+
+@dataclass
+class Context:
+    agent: str
+    publish: Publish
+    state: State | None = None
+    log: Any = field(default_factory=lambda: structlog.get_logger("mas.agent"))
+    trace_id: str | None = None
+    proposals: list[Proposal] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    published: list[tuple[str, BaseModel]] = field(default_factory=list)
+
+    @classmethod
+    def offline(cls, agent: str, *, state: State | None = None,
+                settings: dict[str, str] | None = None) -> Context:
+        """A context for unit tests: published messages land in ``published``."""
+        sent: list[tuple[str, BaseModel]] = []
+
+        async def record(subject: str, payload: BaseModel) -> None:
+            sent.append((subject, payload))
+
+        return cls(agent, record, state if state is not None else MemoryState(),
+                   settings=settings or {}, published=sent)
+
+    def for_request(self, trace_id: str | None) -> Context:
+        """A copy for one request, with its own trace id and proposals."""
+        return Context(self.agent, self.publish, self.state,
+                       self.log.bind(trace_id=trace_id) if trace_id else self.log,
+                       trace_id, [], self.settings, self.published)
+
+    async def emit(self, topic: str, payload: BaseModel) -> None:
+        """Publish an event on ``mas.event.<agent>.<topic>``."""
+        await self.publish(f"mas.event.{self.agent}.{topic}", payload)
+
+    async def alert(self, kind: str, payload: BaseModel) -> None:
+        """Publish on ``mas.alert.<kind>`` (the policy must grant it)."""
+        await self.publish(f"mas.alert.{kind}", payload)
+
+    def propose(self, action: str, explanation: Explanation, *, agent: str | None = None,
+                args: dict[str, JsonValue] | None = None) -> Proposal:
+        """Suggest an action (by default one of this agent's own); the orchestrator
+        decides, and a human approves it if it is sensitive."""
+        proposal = Proposal(agent=agent or self.agent, action=action, args=args or {},
+                            explanation=explanation)
+        self.proposals.append(proposal)
+        return proposal
