@@ -83,3 +83,9 @@ class EnvelopeReplayed(EnvelopeError):
 
 class CertificateError(SecurityError):
     """A certificate or its key is missing, malformed, expired or not from our CA."""
+
+
+class DecisionError(SecurityError):
+    """An approval decision was refused: unsigned, forged, or for other arguments."""
+
+    code = "decision_invalid"

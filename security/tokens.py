@@ -105,8 +105,11 @@ class TokenIssuer:
         args_sha256: str | None = None,
         approval_id: str | None = None,
         single_use: bool = False,
+        jti: str | None = None,
         now: int | None = None,
     ) -> tuple[str, CapabilityClaims]:
+        """``jti``: a caller-chosen id (e.g. a workflow step's idempotency key), so a token
+        re-minted for the same step is recognised as the same single-use grant."""
         if not 0 < lifetime_s <= self.max_lifetime_s:
             raise ValueError(f"lifetime must be 1..{self.max_lifetime_s} s, got {lifetime_s}")
         issued = _now() if now is None else now
@@ -120,7 +123,7 @@ class TokenIssuer:
             iat=issued,
             nbf=issued,
             exp=issued + lifetime_s,
-            jti=uuid.uuid4().hex,
+            jti=jti or uuid.uuid4().hex,
             actions=tuple(actions),
             subjects=tuple(subjects),
             args_sha256=args_sha256,

@@ -65,10 +65,9 @@ class CommandGate:
                                           revocations=self.revocations)
         except TokenError as exc:
             raise Refusal(exc.code, str(exc)) from exc
-        if sensitive:
-            if not claims.single_use or not claims.approval_id:
-                raise Refusal("approval_required",
-                              f"{action} is sensitive: it needs a single-use approved token")
-            if not await self.ledger.consume(claims.jti, claims.exp):
-                raise Refusal("token_replayed", f"single-use token {claims.jti} was used before")
+        if sensitive and (not claims.single_use or not claims.approval_id):
+            raise Refusal("approval_required",
+                          f"{action} is sensitive: it needs a single-use approved token")
+        if claims.single_use and not await self.ledger.consume(claims.jti, claims.exp):
+            raise Refusal("token_replayed", f"single-use token {claims.jti} was used before")
         return claims

@@ -1,7 +1,7 @@
 """Single-use tokens: remember each consumed ``jti`` until its token expires.
 
-In memory the ledger is bounded by expiry (a token cannot be presented after ``exp``,
-so its entry can go then) and by a hard cap that fails closed: when full of unexpired
+In memory the ledger is bounded by time (an entry goes an hour after use or at the
+token's expiry, whichever is later) and by a hard cap that fails closed: when full of unexpired
 entries it refuses new single-use tokens rather than forgetting used ones. With a KV
 bucket (stateful agents) the claim is an atomic create, so it holds across replicas of
 the agent and across restarts.
@@ -15,6 +15,9 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 PREFIX = "used-jti."
+# Workflow steps reuse their jti when a token is re-minted after a restart, so an entry
+# is kept past its token's expiry: long enough for any resume.
+RETAIN_S = 3600
 
 
 class SingleUseLedger:
@@ -40,7 +43,7 @@ class SingleUseLedger:
             try:
                 await self.kv.create(PREFIX + jti, str(exp).encode())
             except nats.js.errors.KeyWrongLastSequenceError:
-                self._used[jti] = exp
+                self._used[jti] = max(exp, int(now) + RETAIN_S)
                 return False
-        self._used[jti] = exp
+        self._used[jti] = max(exp, int(now) + RETAIN_S)
         return True
