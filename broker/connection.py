@@ -103,6 +103,10 @@ class BrokerClient:
     def _headers(self, subject: str, data: bytes, token: str | None) -> dict[str, str]:
         return tracecontext.inject(self.signer.seal(subject, data, token=token))
 
+    def sealed_headers(self, subject: str, data: bytes) -> dict[str, str]:
+        """Envelope headers for a message sent another way (a JetStream publish)."""
+        return self._headers(subject, data, None)
+
     def open(self, msg: Msg, *, sealed_for: str | None = None) -> SignedMessage:
         """Verify ``msg``'s envelope; raises an ``EnvelopeError`` subclass on refusal.
         ``sealed_for``: the binding to check instead of the subject (replies)."""

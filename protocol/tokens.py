@@ -14,10 +14,15 @@ from protocol.explain import Explanation
 class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    agent: Name
+    agent: Name  # who asks (must be the envelope's sender)
     action: Name
+    target: Name | None = None  # whose action it is; default: the asking agent's own
     args: dict[str, JsonValue] = Field(default_factory=dict)
     explanation: Explanation
+
+    @property
+    def action_agent(self) -> str:
+        return self.target or self.agent
 
 
 class TokenRequestReply(BaseModel):

@@ -1,0 +1,236 @@
+"""Runs validated plans step by step, durably.
+
+The workflow is written to KV before and after every step. A step's command carries a
+single-use token whose ``jti`` is the step's idempotency key (``<workflow>-<step>``) and
+is recorded before the command goes out; after a restart a step found "running" is
+sent again with the same jti, and an agent that already ran it refuses the repeat
+(``token_replayed``), so its side effect happens at most once. Sensitive steps wait
+for a signed human approval; the token is then bound to the approved arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import nats.js.errors
+import structlog
+from nats.js.kv import KeyValue
+
+from orchestrator.approvals import ApprovalError, ApprovalStore
+from orchestrator.dispatch import AgentCaller
+from orchestrator.plan import Catalog, Plan, PlanRejected, Step, validate_plan
+from orchestrator.workflows import StepState, Workflow
+from protocol.actions import Completed, Refused
+from protocol.explain import Explanation
+
+log = structlog.get_logger("mas.orchestrator")
+PREFIX = "wf."
+STEP_TIMEOUT_S = 30.0
+Audit = Callable[..., Awaitable[None]]
+
+
+class Engine:
+    def __init__(self, kv: KeyValue, caller: AgentCaller, approvals: ApprovalStore,
+                 catalog: Callable[[], Catalog], audit: Audit) -> None:
+        self.kv = kv
+        self.caller = caller
+        self.approvals = approvals
+        self.catalog = catalog
+        self.audit = audit
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Workflow]] = set()
+
+    async def save(self, wf: Workflow) -> None:
+        wf.updated_at = time.time()
+        await self.kv.put(PREFIX + wf.id, wf.model_dump_json().encode())
+
+    async def load(self, workflow_id: str) -> Workflow | None:
+        try:
+            entry = await self.kv.get(PREFIX + workflow_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return Workflow.model_validate_json(entry.value or b"")
+
+    async def all(self) -> list[Workflow]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        found = [await self.load(k.removeprefix(PREFIX)) for k in keys if k.startswith(PREFIX)]
+        return sorted((w for w in found if w is not None), key=lambda w: w.created_at)
+
+    async def submit(self, request: str, plan: Plan, *, trace_id: str | None = None) -> Workflow:
+        """Validate and record a plan; a rejected plan is recorded and audited too."""
+        now = time.time()
+        wf = Workflow(id=f"wf-{uuid.uuid4().hex[:12]}", request=request[:2000],
+                      planner=plan.planner, plan=plan, trace_id=trace_id,
+                      created_at=now, updated_at=now)
+        catalog = self.catalog()
+        try:
+            validate_plan(plan, catalog)
+        except PlanRejected as exc:
+            wf.status, wf.reason = "rejected", exc.reason
+            await self.save(wf)
+            await self.audit("workflow", "orchestrator", "plan", "refused", code="plan_rejected",
+                             workflow_id=wf.id, trace_id=trace_id, detail={"reason": exc.reason})
+            return wf
+        for step in plan.steps:
+            info = catalog.get(step.agent, step.action)
+            wf.steps[step.id] = StepState(sensitive=bool(info and info.sensitive))
+        await self.save(wf)
+        await self.audit("workflow", "orchestrator", "plan", "ok", workflow_id=wf.id,
+                         trace_id=trace_id, detail={"steps": len(plan.steps),
+                                                    "planner": plan.planner})
+        return wf
+
+    def start(self, workflow_id: str) -> asyncio.Task[Workflow]:
+        task = asyncio.create_task(self.advance(workflow_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def advance(self, workflow_id: str) -> Workflow:
+        """Run every step that can run now; return when the workflow is finished or waits."""
+        lock = self._locks.setdefault(workflow_id, asyncio.Lock())
+        async with lock:
+            wf = await self.load(workflow_id)
+            if wf is None or wf.plan is None:
+                raise KeyError(workflow_id)
+            first = True
+            while not wf.finished:
+                # steps already waiting for a human are looked at once per advance
+                ready = [s for s in wf.plan.steps if self._ready(wf, s, waiting=first)]
+                first = False
+                if not ready:
+                    break
+                before = {sid: st.status for sid, st in wf.steps.items()}
+                await asyncio.gather(*(self._run_step(wf, s) for s in ready))
+                await self.save(wf)
+                if before == {sid: st.status for sid, st in wf.steps.items()}:
+                    break
+            self._settle(wf)
+            await self.save(wf)
+            if wf.finished:
+                await self.audit("workflow", "orchestrator", "finish",
+                                 "ok" if wf.status == "completed" else "error",
+                                 workflow_id=wf.id, trace_id=wf.trace_id,
+                                 detail={"status": wf.status})
+            return wf
+
+    @staticmethod
+    def _ready(wf: Workflow, step: Step, *, waiting: bool) -> bool:
+        state = wf.steps[step.id]
+        runnable = ("pending", "running", "waiting_approval") if waiting else ("pending",)
+        if state.status not in runnable:
+            return False
+        return all(wf.steps[d].status == "done" for d in step.after)
+
+    @staticmethod
+    def _settle(wf: Workflow) -> None:
+        assert wf.plan is not None
+        failed = {sid for sid, s in wf.steps.items() if s.status in ("failed", "refused")}
+        changed = True
+        while changed:  # steps waiting on a failed step will never run
+            changed = False
+            for step in wf.plan.steps:
+                state = wf.steps[step.id]
+                if state.status == "pending" and set(step.after) & failed:
+                    state.status, state.reason = "skipped", "an earlier step failed"
+                    failed.add(step.id)
+                    changed = True
+        statuses = {s.status for s in wf.steps.values()}
+        if statuses <= {"done"}:
+            wf.status = "completed"
+        elif statuses & {"failed", "refused"} and not statuses & {"pending", "running",
+                                                                   "waiting_approval"}:
+            wf.status, wf.reason = "failed", next(
+                f"step {sid}: {s.code or s.status}" for sid, s in wf.steps.items()
+                if s.status in ("failed", "refused"))
+        elif "waiting_approval" in statuses:
+            wf.status = "waiting_approval"
+        else:
+            wf.status = "running"
+
+    async def _run_step(self, wf: Workflow, step: Step) -> None:
+        state = wf.steps[step.id]
+        approval_id = None
+        if state.sensitive:
+            approval_id = await self._approval_for(wf, step, state)
+            if approval_id is None:
+                return
+        if state.jti is None:
+            state.jti = f"{wf.id}-{step.id}"
+        state.status, state.attempts = "running", state.attempts + 1
+        await self.save(wf)  # the jti is durable before the command goes out
+        await self.audit("command", step.agent, step.action, "pending", workflow_id=wf.id,
+                         trace_id=wf.trace_id, detail={"step": step.id, "jti": state.jti})
+        try:
+            reply = await self.caller.call(step.agent, step.action, dict(step.args),
+                                           approval_id=approval_id, jti=state.jti,
+                                           timeout=STEP_TIMEOUT_S)
+        except Exception as exc:  # broker gone, no responders, timeout: recorded, not raised
+            state.status, state.code = "failed", "unreachable"
+            state.reason = f"{type(exc).__name__}: the agent did not answer"
+        else:
+            if isinstance(reply, Completed):
+                state.status, state.output = "done", reply.output
+            elif isinstance(reply, Refused) and reply.code == "token_replayed" \
+                    and state.attempts > 1:
+                # sent before a restart and run then: done once, its output is lost
+                state.status, state.code = "done", "already_done"
+                state.reason = "the agent ran this step before the restart"
+            else:
+                state.status = "refused" if isinstance(reply, Refused) else "failed"
+                state.code, state.reason = reply.code, reply.reason
+        await self.audit("command", step.agent, step.action,
+                         "ok" if state.status == "done" else
+                         ("refused" if state.status == "refused" else "error"),
+                         code=state.code, workflow_id=wf.id, trace_id=wf.trace_id,
+                         detail={"step": step.id, "jti": state.jti})
+
+    async def _approval_for(self, wf: Workflow, step: Step, state: StepState) -> str | None:
+        """The approval id once approved (and consumed); None while waiting or refused."""
+        if state.approval_id is None:
+            explanation = step.explanation or Explanation(
+                summary=f"{step.agent}.{step.action} in workflow {wf.id}",
+                reason=f"requested: {wf.request[:300]}", confidence=0.5)
+            approval = await self.approvals.create(
+                agent=step.agent, action=step.action, args=dict(step.args),
+                explanation=explanation, requested_by=f"workflow:{wf.id}",
+                workflow_id=wf.id, step_id=step.id, trace_id=wf.trace_id)
+            state.approval_id, state.status = approval.id, "waiting_approval"
+            await self.audit("approval_requested", step.agent, step.action, "pending",
+                             workflow_id=wf.id, trace_id=wf.trace_id,
+                             detail={"approval_id": approval.id, "step": step.id})
+            return None
+        approval = await self.approvals.get(state.approval_id)
+        if approval.status == "pending":
+            state.status = "waiting_approval"
+            return None
+        if approval.status == "approved":
+            try:
+                await self.approvals.consume(approval.id, f"{wf.id}-{step.id}")
+            except ApprovalError as exc:
+                state.status, state.code, state.reason = "refused", exc.code, exc.reason
+                return None
+            return approval.id
+        if approval.status == "used" and approval.token_jti == f"{wf.id}-{step.id}":
+            return approval.id  # consumed by us before a restart: resend, the agent dedupes
+        state.status, state.code = "refused", f"approval_{approval.status}"
+        reason = approval.decision.reason if approval.decision else ""
+        state.reason = f"approval {approval.status}{': ' + reason if reason else ''}"[:500]
+        return None
+
+    async def resume_all(self) -> list[str]:
+        """After a restart: carry on with every workflow that was not finished."""
+        resumed = [wf.id for wf in await self.all() if wf.status == "running"
+                   or wf.status == "waiting_approval"]
+        for workflow_id in resumed:
+            self.start(workflow_id)
+        return resumed
+
+    async def on_decision(self, workflow_id: str) -> None:
+        self.start(workflow_id)

@@ -1,0 +1,283 @@
+"""The orchestrator process: registry, token requests, approvals, workflows, audit.
+
+Every endpoint parses its request into a pydantic model and answers a refusal with
+``AdminError`` (code and one-line reason) instead of crashing or going silent. Admin
+endpoints answer only the operator; registrations and token requests only the agent
+they concern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from broker import subjects as subj
+from broker.connection import SignedMessage, connect
+from broker.policy import Policy
+from broker.revocations import RevocationAuthority
+from broker.secrets import IdentityMaterial
+from orchestrator.approvals import ApprovalError, ApprovalStore
+from orchestrator.audit import AuditLog
+from orchestrator.dispatch import AgentCaller
+from orchestrator.engine import Engine
+from orchestrator.plan import Plan, Planner, PlanRejected, Step
+from orchestrator.registry import Registry
+from orchestrator.workflows import Workflow
+from protocol import admin
+from protocol.approvals import AdminError, ApprovalList, ApprovalQuery
+from protocol.registry import Registration
+from protocol.tokens import TokenRequest, TokenRequestReply
+from security.decisions import ApprovalDecision
+from security.revocation import Revocation
+from security.tokens import TokenIssuer
+
+log = structlog.get_logger("mas.orchestrator")
+OPERATOR = "operator"
+SWEEP_S = 2.0
+
+
+class Refuse(Exception):
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class WorkflowList(BaseModel):
+    workflows: list[Workflow]
+
+
+class Orchestrator:
+    def __init__(self, policy: Policy, material: IdentityMaterial, url: str, *,
+                 planner: Planner | None = None, approval_ttl_s: int = 15 * 60) -> None:
+        self.policy = policy
+        self.material = material
+        self.url = url
+        self.planner = planner
+        self.approval_ttl_s = approval_ttl_s
+        self.registry = Registry(policy)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.client = client = await connect(self.material, self.url, name="orchestrator")
+        js = client.nc.jetstream(timeout=5)
+        self.audit_log = await AuditLog(client, self.material.signing_key).open()
+        self.revocations = await RevocationAuthority.start(client)
+        approvals_kv = await js.create_key_value(bucket=subj.APPROVALS_BUCKET, history=5)
+        workflows_kv = await js.create_key_value(bucket=subj.WORKFLOWS_BUCKET, history=5)
+        self.approvals = ApprovalStore(approvals_kv, self.material.trust.approver_ring(),
+                                       ttl_s=self.approval_ttl_s)
+        self.issuer = TokenIssuer("orchestrator", self.material.signing_key)
+        self.caller = AgentCaller(client, self.issuer)
+        self.engine = Engine(workflows_kv, self.caller, self.approvals, self.registry.catalog,
+                             self.audit_log.record)
+        self.workflows_kv = workflows_kv
+        await self._load_registrations()
+        endpoints: dict[str, Callable[[SignedMessage], Awaitable[BaseModel]]] = {
+            subj.REGISTER: self._register,
+            subj.TOKEN_REQUEST: self._token_request,
+            admin.APPROVALS_LIST: self._approvals_list,
+            admin.APPROVALS_DECIDE: self._approvals_decide,
+            admin.REVOKE: self._revoke,
+            admin.WORKFLOWS_RUN: self._workflows_run,
+            admin.WORKFLOWS_LIST: self._workflows_list,
+        }
+        for subject, handler in endpoints.items():
+            await client.subscribe(subject, self._endpoint(subject, handler), queue="orchestrator")
+        await client.sync()
+        resumed = await self.engine.resume_all()
+        self._tasks.append(asyncio.create_task(self._sweep_loop()))
+        await self.audit_log.record("system", "orchestrator", "start", "info",
+                                    detail={"resumed": resumed})
+        log.info("orchestrator.ready", resumed=resumed)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+    def _endpoint(self, subject: str,
+                  handler: Callable[[SignedMessage], Awaitable[BaseModel]]
+                  ) -> Callable[[SignedMessage], Awaitable[None]]:
+        async def serve(msg: SignedMessage) -> None:
+            try:
+                answer = await handler(msg)
+            except Refuse as exc:
+                answer = AdminError(code=exc.code, reason=exc.reason[:500])
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(map(str, first["loc"])) or "request"
+                answer = AdminError(code="invalid_request", reason=f"{where}: {first['msg']}"[:500])
+            except ApprovalError as exc:
+                answer = AdminError(code=exc.code, reason=exc.reason[:500])
+            except Exception as exc:
+                log.exception("orchestrator.endpoint_failed", subject=subject)
+                answer = AdminError(code="internal", reason=f"{type(exc).__name__}; see the "
+                                    "orchestrator's log")
+            if isinstance(answer, AdminError):
+                log.warning("orchestrator.refused", subject=subject, sender=msg.sender,
+                            code=answer.code)
+            if msg.reply:
+                with contextlib.suppress(Exception):
+                    await self.client.respond(msg, answer)
+        return serve
+
+    @staticmethod
+    def _operator_only(msg: SignedMessage) -> None:
+        if msg.sender != OPERATOR:
+            raise Refuse("not_operator", f"only the operator may use {msg.subject}")
+
+    async def _load_registrations(self) -> None:
+        import nats.js.errors
+
+        try:
+            keys = await self.workflows_kv.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        for key in keys:
+            if key.startswith("registry."):
+                entry = await self.workflows_kv.get(key)
+                with contextlib.suppress(ValidationError):
+                    announcement = Registration.model_validate_json(entry.value or b"")
+                    self.registry.register(announcement.agent, announcement)
+
+    async def _register(self, msg: SignedMessage) -> BaseModel:
+        announcement = Registration.model_validate_json(msg.data)
+        ack = self.registry.register(msg.sender, announcement)
+        if ack.accepted:
+            await self.workflows_kv.put(f"registry.{announcement.agent}", msg.data)
+        await self.audit_log.record(
+            "registration", msg.sender, "register", "refused" if ack.rejected else "ok",
+            trace_id=msg.trace_id, detail={"accepted": list(ack.accepted),
+                                           "rejected": dict(ack.rejected)})
+        return ack
+
+    async def _token_request(self, msg: SignedMessage) -> BaseModel:
+        """An agent asks for a sensitive action: it becomes a one-step workflow that
+        waits for the operator, and the answer names the approval."""
+        request = TokenRequest.model_validate_json(msg.data)
+        if request.agent != msg.sender:
+            raise Refuse("wrong_sender", f"{msg.sender} cannot ask in {request.agent}'s name")
+        info = self.registry.catalog().get(request.action_agent, request.action)
+        await self.audit_log.record("token_request", msg.sender, request.action, "pending",
+                                    trace_id=msg.trace_id,
+                                    detail={"target": request.action_agent,
+                                            "summary": request.explanation.summary})
+        if info is None:
+            return TokenRequestReply(status="denied", reason="no such registered action")
+        if not info.sensitive:
+            return TokenRequestReply(status="denied", reason="not a sensitive action; "
+                                     "propose it in a reply instead")
+        plan = Plan(summary=request.explanation.summary, planner=f"agent:{msg.sender}", steps=[
+            Step(id="s1", agent=request.action_agent, action=request.action, args=request.args,
+                 explanation=request.explanation)])
+        wf = await self.engine.submit(f"{msg.sender} asks: {request.explanation.summary}", plan,
+                                      trace_id=msg.trace_id)
+        if wf.status == "rejected":
+            return TokenRequestReply(status="denied", reason=wf.reason)
+        wf = await self.engine.advance(wf.id)
+        return TokenRequestReply(status="pending", approval_id=wf.steps["s1"].approval_id)
+
+    async def _approvals_list(self, msg: SignedMessage) -> BaseModel:
+        self._operator_only(msg)
+        query = ApprovalQuery.model_validate_json(msg.data or b"{}")
+        if query.id is not None:
+            return ApprovalList(approvals=[await self.approvals.get(query.id)])
+        return ApprovalList(approvals=await self.approvals.find(query.status))
+
+    async def _approvals_decide(self, msg: SignedMessage) -> BaseModel:
+        self._operator_only(msg)
+        decision = ApprovalDecision.model_validate_json(msg.data)
+        try:
+            approval = await self.approvals.decide(decision)
+        except ApprovalError as exc:
+            await self.audit_log.record("approval_decided", msg.sender, decision.approval_id,
+                                        "refused", code=exc.code, trace_id=msg.trace_id)
+            raise
+        await self.audit_log.record(
+            "approval_decided", decision.by, approval.id,
+            "approved" if approval.status == "approved" else "denied", trace_id=msg.trace_id,
+            workflow_id=approval.workflow_id,
+            detail={"agent": approval.agent, "action": approval.action,
+                    "reason": decision.reason, "args_sha256": approval.args_sha256})
+        if approval.workflow_id:
+            self.engine.start(approval.workflow_id)
+        return ApprovalList(approvals=[approval])
+
+    async def _revoke(self, msg: SignedMessage) -> BaseModel:
+        self._operator_only(msg)
+        request = admin.RevokeRequest.model_validate_json(msg.data)
+        if request.lift:
+            await self.revocations.lift(request.kind, request.target)
+        else:
+            now = int(time.time())
+            await self.revocations.revoke(Revocation(
+                kind=request.kind, target=request.target, revoked_at=now,
+                expires_at=now + 900 if request.kind == "jti" else None,
+                reason=request.reason, by=msg.sender))
+        await self.audit_log.record("revocation", msg.sender, request.kind,
+                                    "info" if request.lift else "ok", trace_id=msg.trace_id,
+                                    detail={"target": request.target, "lift": request.lift,
+                                            "reason": request.reason})
+        return admin.Ok(detail=f"{'lifted' if request.lift else 'revoked'} "
+                        f"{request.kind} {request.target}")
+
+    async def _workflows_run(self, msg: SignedMessage) -> BaseModel:
+        self._operator_only(msg)
+        request = admin.WorkflowRunRequest.model_validate_json(msg.data)
+        if self.planner is None:
+            raise Refuse("no_planner", "no planner is configured")
+        try:
+            plan = await self.planner.plan(request.request, self.registry.catalog())
+        except PlanRejected as exc:
+            await self.audit_log.record("workflow", msg.sender, "plan", "refused",
+                                        code="plan_rejected", trace_id=msg.trace_id,
+                                        detail={"reason": exc.reason})
+            raise Refuse("plan_rejected", exc.reason) from exc
+        wf = await self.engine.submit(request.request, plan, trace_id=msg.trace_id)
+        if wf.status != "rejected":
+            task = self.engine.start(wf.id)
+            if request.wait_s:
+                with contextlib.suppress(TimeoutError):
+                    wf = await asyncio.wait_for(asyncio.shield(task), request.wait_s)
+        return WorkflowList(workflows=[wf])
+
+    async def _workflows_list(self, msg: SignedMessage) -> BaseModel:
+        self._operator_only(msg)
+        query = admin.WorkflowQuery.model_validate_json(msg.data or b"{}")
+        if query.id is not None:
+            wf = await self.engine.load(query.id)
+            if wf is None:
+                raise Refuse("unknown_workflow", f"no workflow {query.id}")
+            return WorkflowList(workflows=[wf])
+        return WorkflowList(workflows=(await self.engine.all())[-50:])
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                for approval in await self.approvals.sweep():
+                    await self.audit_log.record(
+                        "approval_decided", "orchestrator", approval.id, "expired",
+                        workflow_id=approval.workflow_id, trace_id=approval.trace_id)
+                    if approval.workflow_id:
+                        self.engine.start(approval.workflow_id)
+            except Exception as exc:
+                log.warning("orchestrator.sweep_failed", error=type(exc).__name__)
+
+    async def run(self) -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
+
