@@ -1,0 +1,244 @@
+"""Operator commands: run the orchestrator, answer approvals, start and inspect workflows,
+revoke tokens. Each talks to the orchestrator over the broker as the operator identity;
+approval decisions are signed with the operator's key before they leave this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from broker import connection
+from broker.errors import BrokerError
+from broker.secrets import load_identity
+from mas.project import Project, find_project
+from orchestrator.service import Orchestrator, WorkflowList
+from protocol import admin
+from protocol.approvals import AdminError, Approval, ApprovalList, ApprovalQuery
+from security.decisions import sign_decision
+
+out = Console(highlight=False, soft_wrap=True)
+orchestrator_app = typer.Typer(help="The orchestrator service.", no_args_is_help=True)
+approvals_app = typer.Typer(help="Answer sensitive actions waiting for a human.",
+                            no_args_is_help=True)
+workflow_app = typer.Typer(help="Start and inspect workflows.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Revoke capability tokens.", no_args_is_help=True)
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+M = TypeVar("M", bound=BaseModel)
+
+
+def _url(project: Project) -> str:
+    """$MAS_BROKER_URL (compose, tests) or the policy's listen address (local mode)."""
+    return os.environ.get("MAS_BROKER_URL") or f"tls://{project.policy().broker.listen}"
+
+
+async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answer: type[M],
+               timeout: float = 10.0) -> M:
+    client = await connection.connect(load_identity(project.secrets, "operator"), _url(project),
+                                      max_reconnect_attempts=0)
+    try:
+        try:
+            reply = await client.request(subject, payload, timeout=timeout)
+        except Exception as exc:
+            raise BrokerError(f"the orchestrator did not answer on {subject} "
+                              f"({type(exc).__name__}); is it running (`mas orchestrator run`)?"
+                              ) from None
+        if reply.sender != "orchestrator":
+            raise BrokerError(f"answer signed by {reply.sender}, not the orchestrator")
+        try:
+            error = AdminError.model_validate_json(reply.data)
+        except ValidationError:
+            return answer.model_validate_json(reply.data)
+        raise BrokerError(f"refused ({error.code}): {error.reason}")
+    finally:
+        await client.close()
+
+
+@orchestrator_app.command("run")
+def orchestrator_run(root: RootOption = None) -> None:
+    """Run the orchestrator in the foreground until SIGTERM or Ctrl-C."""
+    project = find_project(root)
+    planner = None
+    try:
+        from orchestrator.planners import PlannerSettings, make_planner
+    except ImportError:
+        pass
+    else:
+        planner = make_planner(PlannerSettings(), project.root)
+    service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
+                           _url(project), planner=planner)
+    asyncio.run(service.run())
+
+
+def _approval_table(approvals: list[Approval]) -> Table:
+    table = Table(title="Approvals")
+    for column in ("id", "status", "agent.action", "summary", "confidence", "expires"):
+        table.add_column(column, overflow="fold")
+    for a in approvals:
+        table.add_row(a.id, a.status, f"{a.agent}.{a.action}", a.explanation.summary,
+                      f"{a.explanation.confidence:.2f}",
+                      f"{max(0, a.expires_at - int(time.time()))}s"
+                      if a.status == "pending" else "")
+    return table
+
+
+@approvals_app.command("list")
+def approvals_list(
+    status: Annotated[str | None, typer.Option(help="pending, approved, denied, expired, used")]
+    = "pending",
+    root: RootOption = None, as_json: JsonOption = False,
+) -> None:
+    """Approvals (pending ones by default)."""
+    project = find_project(root)
+    try:
+        query = ApprovalQuery.model_validate({"status": status})
+    except ValidationError:
+        raise BrokerError(f"unknown status {status!r}; use pending, approved, denied, expired "
+                          "or used") from None
+    found = asyncio.run(_ask(project, admin.APPROVALS_LIST, query, ApprovalList)).approvals
+    if as_json:
+        typer.echo(json.dumps([a.model_dump(mode="json") for a in found], indent=2))
+    else:
+        out.print(_approval_table(found))
+
+
+def _one(project: Project, approval_id: str) -> Approval:
+    try:
+        query = ApprovalQuery(id=approval_id)
+    except ValidationError:
+        raise BrokerError(f"{approval_id!r} is not an approval id (see `mas approvals list`)") \
+            from None
+    [approval] = asyncio.run(_ask(project, admin.APPROVALS_LIST, query, ApprovalList)).approvals
+    return approval
+
+
+@approvals_app.command("show")
+def approvals_show(approval_id: str, root: RootOption = None, as_json: JsonOption = False) -> None:
+    """One approval: the exact arguments and the agent's explanation."""
+    approval = _one(find_project(root), approval_id)
+    if as_json:
+        typer.echo(approval.model_dump_json(indent=2))
+        return
+    e = approval.explanation
+    out.print(f"[bold]{approval.id}[/bold]  {approval.status}  "
+              f"{approval.agent}.{approval.action}  requested by {approval.requested_by}")
+    out.print(f"summary:    {e.summary}\nreason:     {e.reason}\n"
+              f"confidence: {e.confidence:.2f}\ndata:       {json.dumps(e.data)}")
+    out.print(f"arguments (sha256 {approval.args_sha256[:16]}...):")
+    out.print(json.dumps(approval.args, indent=2, sort_keys=True), markup=False)
+
+
+def _decide(approval_id: str, decision: Literal["approve", "deny"], reason: str,
+            root: Path | None) -> None:
+    project = find_project(root)
+    approval = _one(project, approval_id)
+    signed = sign_decision(load_identity(project.secrets, "operator").signing_key,
+                           approval_id=approval.id, args_sha256=approval.args_sha256,
+                           decision=decision, reason=reason, by="operator")
+    [result] = asyncio.run(_ask(project, admin.APPROVALS_DECIDE, signed, ApprovalList)).approvals
+    out.print(f"{result.id}: {result.status} ({result.agent}.{result.action})")
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; stored and audited.")]
+
+
+@approvals_app.command("approve")
+def approvals_approve(approval_id: str, reason: ReasonOption = "", root: RootOption = None
+                      ) -> None:
+    """Approve exactly the arguments shown by `mas approvals show` (signed with your key)."""
+    _decide(approval_id, "approve", reason, root)
+
+
+@approvals_app.command("deny")
+def approvals_deny(approval_id: str, reason: ReasonOption = "", root: RootOption = None) -> None:
+    """Deny; the requester is told the reason."""
+    _decide(approval_id, "deny", reason, root)
+
+
+def _workflow_table(result: WorkflowList) -> Table:
+    table = Table(title="Workflows")
+    for column in ("id", "status", "request", "steps", "reason"):
+        table.add_column(column, overflow="fold")
+    for wf in result.workflows:
+        steps = ", ".join(f"{sid}:{s.status}" for sid, s in wf.steps.items())
+        table.add_row(wf.id, wf.status, wf.request, steps, wf.reason)
+    return table
+
+
+def run_request(request: str, wait: float, root: Path | None, as_json: bool) -> None:
+    project = find_project(root)
+    result = asyncio.run(_ask(project, admin.WORKFLOWS_RUN,
+                              admin.WorkflowRunRequest(request=request, wait_s=wait),
+                              WorkflowList, timeout=wait + 15))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        out.print(_workflow_table(result))
+        for wf in result.workflows:
+            waiting = [s.approval_id for s in wf.steps.values() if s.status == "waiting_approval"]
+            for approval_id in waiting:
+                out.print(f"waiting for you: mas approvals show {approval_id}")
+
+
+WaitOption = Annotated[float, typer.Option(help="Seconds to wait for the outcome.")]
+
+
+@workflow_app.command("run")
+def workflow_run(name: str, wait: WaitOption = 10.0, root: RootOption = None,
+                 as_json: JsonOption = False) -> None:
+    """Run a named workflow from workflows/."""
+    run_request(name, wait, root, as_json)
+
+
+@workflow_app.command("list")
+def workflow_list(root: RootOption = None, as_json: JsonOption = False) -> None:
+    """Recent workflows and where each stands."""
+    result = asyncio.run(_ask(find_project(root), admin.WORKFLOWS_LIST, admin.WorkflowQuery(),
+                              WorkflowList))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        out.print(_workflow_table(result))
+
+
+@workflow_app.command("show")
+def workflow_show(workflow_id: str, root: RootOption = None, as_json: JsonOption = False) -> None:
+    """One workflow, step by step."""
+    try:
+        query = admin.WorkflowQuery(id=workflow_id)
+    except ValidationError:
+        raise BrokerError(f"{workflow_id!r} is not a workflow id") from None
+    result = asyncio.run(_ask(find_project(root), admin.WORKFLOWS_LIST, query, WorkflowList))
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        out.print(_workflow_table(result))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    target: Annotated[str, typer.Argument(help="A token's jti, or an agent with --agent.")],
+    agent: Annotated[bool, typer.Option("--agent", help="Revoke every token of this agent "
+                                        "(kill switch).")] = False,
+    reason: ReasonOption = "", lift: Annotated[bool, typer.Option(help="Undo.")] = False,
+    root: RootOption = None,
+) -> None:
+    """Revoke a token (or all of an agent's): agents refuse it on their next message."""
+    try:
+        request = admin.RevokeRequest(kind="agent" if agent else "jti", target=target,
+                                      reason=reason, lift=lift)
+    except ValidationError:
+        raise BrokerError(f"{target!r} is not a token id or agent name") from None
+    result = asyncio.run(_ask(find_project(root), admin.REVOKE, request, admin.Ok))
+    out.print(result.detail)
