@@ -1,0 +1,1 @@
+"""The home agent: reads and controls Home Assistant through its REST API (scoped tier)."""
