@@ -135,16 +135,22 @@ def compile_config(policy: Policy) -> str:
 
 def drift(policy: Policy, config_path: Path) -> str | None:
     """None when ``config_path`` is the compiled form of ``policy``; else a short diff."""
-    expected = compile_config(policy)
+    return text_drift(compile_config(policy), config_path)
+
+
+def text_drift(expected: str, path: Path, label: str | None = None) -> str | None:
+    """None when ``path`` holds exactly ``expected``; else a short diff (or why it is not
+    there). ``label`` names the file in the diff (default: its name)."""
+    label = label or path.name
     try:
-        actual = config_path.read_text(encoding="utf-8")
+        actual = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return f"{config_path} does not exist"
+        return f"{path} does not exist"
     if actual == expected:
         return None
     diff = list(difflib.unified_diff(actual.splitlines(), expected.splitlines(),
-                                     f"{config_path.name} (committed)",
-                                     f"{config_path.name} (from policy)", lineterm="", n=1))
+                                     f"{label} (committed)",
+                                     f"{label} (from policy)", lineterm="", n=1))
     shown = diff[:40]
     if len(diff) > 40:
         shown.append(f"... ({len(diff) - 40} more diff lines)")

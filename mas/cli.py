@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import connection
-from broker.compiler import compile_config, drift
+from broker.compiler import drift
 from broker.errors import BrokerError, ServerError
 from broker.permissions import all_permissions
 from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
+from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
 from mas.project import Project, find_project
 from security.errors import SecurityError
@@ -77,27 +78,33 @@ def init(
 def policy_compile(
     root: RootOption = None,
     check: Annotated[
-        bool, typer.Option("--check", help="Exit 1 if nats-server.conf is stale.")
+        bool, typer.Option("--check", help="Exit 1 if a generated file is stale.")
     ] = False,
 ) -> None:
-    """Write nats-server.conf from policy.yaml (or, with --check, say whether it is current)."""
+    """Write nats-server.conf, compose.yaml and seccomp/ from policy.yaml (or, with --check,
+    say whether they are current)."""
     project = find_project(root)
     policy = project.policy()
     if check:
-        if not project.config_path.exists():
-            raise BrokerError(f"{project.config_path} does not exist; run `mas policy compile`")
-        difference = drift(policy, project.config_path)
-        if difference is None:
-            out.print(f"{project.config_path.name} is current with policy.yaml")
+        result = deploy_outputs.check(policy, project.root)
+        if result.missing:
+            more = len(result.missing) - 1
+            also = f" (and {more} more generated file{'s' if more > 1 else ''})" if more else ""
+            raise BrokerError(f"{project.root / result.missing[0]} does not exist{also}; "
+                              "run `mas policy compile`")
+        if result.current:
+            names = [o.path for o in deploy_outputs.compile_outputs(policy)]
+            out.print(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} current with "
+                      "policy.yaml")
             return
-        typer.echo(f"mas: {project.config_path.name} is stale; run `mas policy compile`:\n"
-                   f"{difference}", err=True)
+        names = [path for path, _ in result.stale] + result.obsolete
+        details = [diff for _, diff in result.stale]
+        details += [f"{path}: no service uses this profile any more" for path in result.obsolete]
+        typer.echo(f"mas: {', '.join(names)} {'is' if len(names) == 1 else 'are'} stale; "
+                   "run `mas policy compile`:\n" + "\n".join(details), err=True)
         raise typer.Exit(1)
-    text = compile_config(policy)
-    previous = project.config_path.read_text() if project.config_path.exists() else None
-    project.config_path.write_text(text)
-    state = "unchanged" if previous == text else "written"
-    out.print(f"{project.config_path} {state} ({len(policy.identities())} identities)")
+    for path, state in deploy_outputs.write(policy, project.root):
+        out.print(f"{path} {state}")
 
 
 @policy_app.command("show")
