@@ -25,6 +25,13 @@ from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
 from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
+from mas.ops_cli import (
+    approvals_app,
+    orchestrator_app,
+    run_request,
+    tokens_app,
+    workflow_app,
+)
 from mas.project import Project, find_project
 from security.errors import SecurityError
 
@@ -33,6 +40,10 @@ app = typer.Typer(help="Multi-Agent Assistant: a security-first agent platform o
 policy_app = typer.Typer(help="Compile and inspect the central policy.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 app.add_typer(agent_app, name="agent")
+app.add_typer(orchestrator_app, name="orchestrator")
+app.add_typer(approvals_app, name="approvals")
+app.add_typer(workflow_app, name="workflow")
+app.add_typer(tokens_app, name="tokens")
 
 out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[
@@ -220,6 +231,18 @@ def up(
         code = server.stop()
         _pid_file(project).unlink(missing_ok=True)
     out.print(f"broker stopped (exit code {code})")
+
+
+@app.command("run")
+def run(
+    request: Annotated[str, typer.Argument(help="What you want done, in plain language, "
+                                           "or a workflow's name.")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 10.0,
+    root: RootOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Plan and run a request; sensitive steps wait for `mas approvals approve`."""
+    run_request(request, wait, root, as_json)
 
 
 def main() -> None:
