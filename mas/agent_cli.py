@@ -25,8 +25,15 @@ RootOption = Annotated[
 ]
 
 
-def load_agent(name: str) -> Agent:
-    """The ``agent`` object of ``agents/<name>/agent.py``."""
+def load_agent(name: str, project_root: Path | None = None) -> Agent:
+    """The ``agent`` object of ``agents/<name>/agent.py`` (in the installed package, or in
+    the project's own agents/ folder for agents added with `mas agent new`)."""
+    import agents
+
+    if project_root is not None:
+        local = str(project_root / "agents")
+        if local not in agents.__path__:
+            agents.__path__.append(local)
     try:
         module = importlib.import_module(f"agents.{name}.agent")
     except ModuleNotFoundError as exc:
@@ -59,22 +66,24 @@ def run(
 ) -> None:
     """Run one agent in the foreground until SIGTERM or Ctrl-C (then drain)."""
     settings = _settings(name)
-    agent = load_agent(name)
     secrets_dir, url = settings.secrets_dir, settings.broker_url
-    if secrets_dir is None or url is None:
+    project_root = None
+    if secrets_dir is None or url is None or root is not None:
         project = find_project(root)
+        project_root = project.root
         policy = project.policy()
         if name not in policy.agents:
             raise PolicyError(f"{name!r} is not an agent in policy.yaml; add it there first")
         secrets_dir = secrets_dir or project.secrets.root
         url = url or f"tls://{policy.broker.listen}"
+    agent = load_agent(name, project_root)
     material = load_identity(SecretsLayout(secrets_dir), name)
     service = AgentService(agent, material, url, heartbeat_s=settings.heartbeat_s,
-                           ready_file=settings.ready_file)
+                           ready_file=settings.ready_path)
     try:
         asyncio.run(service.run())
     finally:
-        settings.ready_file.unlink(missing_ok=True)
+        settings.ready_path.unlink(missing_ok=True)
 
 
 @agent_app.command("probe")
@@ -82,11 +91,44 @@ def probe() -> None:
     """Exit 0 if this container's agent reported ready recently (for healthchecks)."""
     settings = AgentSettings(identity=os.environ.get("MAS_IDENTITY", "probe"))
     try:
-        age = time.time() - settings.ready_file.stat().st_mtime
+        age = time.time() - settings.ready_path.stat().st_mtime
     except FileNotFoundError:
-        typer.echo(f"not ready: {settings.ready_file} does not exist", err=True)
+        typer.echo(f"not ready: {settings.ready_path} does not exist", err=True)
         raise typer.Exit(1) from None
     if age > settings.heartbeat_s * 3:
         typer.echo(f"not ready: last heartbeat {age:.0f}s ago", err=True)
         raise typer.Exit(1)
     typer.echo(f"ready (last heartbeat {age:.1f}s ago)")
+
+
+@agent_app.command("new")
+def new(
+    name: Annotated[str, typer.Argument(help="The new agent's name (lower-case).")],
+    kind: Annotated[str, typer.Option(help="stateless | stateful | polling | reactive")]
+    = "stateless",
+    tier: Annotated[str, typer.Option(help="isolated | scoped | full")] = "isolated",
+    egress: Annotated[list[str] | None, typer.Option(help="Host it may reach (scoped tier); "
+                                                     "repeat for more.")] = None,
+    description: Annotated[str, typer.Option(help="One line.")] = "A new agent.",
+    root: RootOption = None,
+) -> None:
+    """Create agents/NAME (code, Dockerfile, README, a test) and its policy stanza
+    (deny by default), then recompile the broker config and the deployment."""
+    from deploy import outputs
+    from mas.scaffold import Scaffold
+
+    project = find_project(root)
+    scaffold = Scaffold(name, kind, tier, description.replace(":", " -"), tuple(egress or ()))
+    before = project.policy_path.read_text()
+    written = scaffold.write(project.root)
+    try:
+        policy = project.policy()
+    except Exception:
+        project.policy_path.write_text(before)
+        raise
+    for path, state in outputs.write(policy, project.root):
+        typer.echo(f"{path} {state}")
+    for path in written:
+        typer.echo(f"created {path.relative_to(project.root)}")
+    typer.echo(f"added `{name}` to policy.yaml; test it with `pytest agents/{name}`, "
+               f"run it with `mas agent run {name}`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from pydantic import Field
@@ -14,6 +15,11 @@ class AgentSettings(BaseSettings):
     identity: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
     broker_url: str | None = None  # default: the policy's listen address
     secrets_dir: Path | None = None  # default: the project's secrets/
-    ready_file: Path = Path("/tmp/mas-ready")  # noqa: S108 (a tmpfs in containers)
+    ready_file: Path | None = None  # containers set /tmp/mas-ready (a tmpfs)
     heartbeat_s: float = Field(default=10.0, gt=0, le=300)
     register_timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def ready_path(self) -> Path:
+        """Where readiness is signalled; one file per agent when several share a machine."""
+        return self.ready_file or Path(tempfile.gettempdir()) / f"mas-{self.identity}.ready"
