@@ -27,8 +27,9 @@ class Output:
 
 
 def compile_outputs(policy: Policy) -> list[Output]:
-    profiles = sorted(set(service_profiles(compose_document(policy)).values()))
-    services = len(compose_document(policy)["services"])
+    document = compose_document(policy)
+    profiles = sorted(set(service_profiles(document).values()))
+    services = len(document["services"])
     outputs = [
         Output(CONFIG_NAME, compile_config(policy), f"{len(policy.identities())} identities"),
         Output(COMPOSE_NAME, render_compose(policy), f"{services} services"),
