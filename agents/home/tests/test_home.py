@@ -48,8 +48,11 @@ def token_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cooldown() -> None:
+def _fresh_cooldown(monkeypatch: pytest.MonkeyPatch) -> None:
     cooldown.last.clear()
+    for name in ("URL", "TOKEN_FILE", "TIMEOUT_S", "MAX_REPLY_BYTES", "BREAK_LIGHT",
+                 "BREAK_COOLDOWN_S"):
+        monkeypatch.delenv(f"MAS_HOME_{name}", raising=False)
 
 
 def context(ha: FakeHomeAssistant, token_file: Path | None, **extra: str) -> Context:
