@@ -25,6 +25,7 @@ from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
 from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
+from mas.local import LocalService, start_services
 from mas.ops_cli import (
     approvals_app,
     orchestrator_app,
@@ -190,8 +191,12 @@ async def _probe(project: Project, url: str) -> None:
 def up(
     root: RootOption = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 20.0,
+    services: Annotated[bool, typer.Option(
+        help="Also start the orchestrator and every agent (--no-services: the broker only).")]
+    = True,
 ) -> None:
-    """Start the broker in the foreground with the compiled config; Ctrl-C stops it."""
+    """Start the platform in the foreground (broker, orchestrator, agents); Ctrl-C stops it."""
+    children: list[LocalService] = []
     project = find_project(root)
     policy = project.policy()
     if drift(policy, project.config_path) is not None:
@@ -221,13 +226,21 @@ def up(
         asyncio.run(_probe(project, url))
         out.print(f"broker ready at {url} (mutual TLS 1.3, {len(policy.identities())} identities); "
                   f"monitoring on http://{policy.broker.monitor}; log {server.log_file}")
+        if services:
+            children = start_services(project, url, policy)
+            out.print(f"started {', '.join(c.name for c in children)}; their logs are in "
+                      f"{project.data_dir / 'logs'}")
         out.print("Local mode: processes share this machine; container isolation does not apply. "
                   "Press Ctrl-C to stop.")
         while not stop_requested:
             if server.process is not None and server.process.poll() is not None:
                 raise ServerError(f"nats-server stopped unexpectedly: {server.last_error()}")
+            for child in children:
+                child.check()
             time.sleep(0.2)
     finally:
+        for child in reversed(children):
+            child.stop()
         code = server.stop()
         _pid_file(project).unlink(missing_ok=True)
     out.print(f"broker stopped (exit code {code})")

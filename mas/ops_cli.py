@@ -20,6 +20,12 @@ from broker import connection
 from broker.errors import BrokerError
 from broker.secrets import load_identity
 from mas.project import Project, find_project
+from orchestrator.planners import (
+    PlannerConfigError,
+    WorkflowError,
+    load_settings,
+    make_planner,
+)
 from orchestrator.service import Orchestrator, WorkflowList
 from protocol import admin
 from protocol.approvals import AdminError, Approval, ApprovalList, ApprovalQuery
@@ -69,13 +75,10 @@ async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answe
 def orchestrator_run(root: RootOption = None) -> None:
     """Run the orchestrator in the foreground until SIGTERM or Ctrl-C."""
     project = find_project(root)
-    planner = None
     try:
-        from orchestrator.planners import PlannerSettings, make_planner
-    except ImportError:
-        pass
-    else:
-        planner = make_planner(PlannerSettings(), project.root)
+        planner = make_planner(load_settings(), project.root)
+    except (PlannerConfigError, WorkflowError) as exc:
+        raise BrokerError(f"planner: {exc}") from None
     service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
                            _url(project), planner=planner)
     asyncio.run(service.run())

@@ -386,7 +386,7 @@ def running(up_folder: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]
     # A port free when picked can be taken before nats-server binds it (another process's
     # ephemeral port): on exactly that error, pick new ports, at most three times.
     for _attempt in range(3):
-        proc = subprocess.Popen([*MAS, "up"], cwd=up_folder, env=env(),
+        proc = subprocess.Popen([*MAS, "up", "--no-services"], cwd=up_folder, env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         lines: list[str] = []
@@ -449,7 +449,7 @@ def test_up_runs_refuses_a_second_and_stops_cleanly(
     with urllib.request.urlopen(f"http://{monitor.group(1)}/healthz", timeout=5) as resp:
         assert json.loads(resp.read())["status"] == "ok"
 
-    second = mas(up_folder, "up", "--timeout", "5")
+    second = mas(up_folder, "up", "--no-services", "--timeout", "5")
     line = one_line_error(second)
     assert "already running" in line
     assert str(proc.pid) in line

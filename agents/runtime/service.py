@@ -281,8 +281,16 @@ class AgentService:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while still waiting for the broker or orchestrator
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self.stop()
+            return
+        starting.result()  # a failed start ends the process with its error
+        await stopping
         log.info("agent.draining", agent=self.agent.name, in_flight=len(self._tasks))
         await self.stop()
 

@@ -82,7 +82,7 @@ class Day:
     """Builds one day's drafts in a time zone, with a seeded generator."""
 
     def __init__(self, seed: int, day: date = DAY, tz: str = "UTC") -> None:
-        self.rng = random.Random(seed)  # noqa: S311 (test traffic, not security)
+        self.rng = random.Random(seed)
         self.start = datetime.combine(day, time(0), ZoneInfo(tz)).timestamp()
         self.drafts: list[Draft] = []
 

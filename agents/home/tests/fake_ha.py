@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.fake-long-lived-token.sig"  # noqa: S105 (test fixture)
-CAMERA_TOKEN = "c4m3r4-4cc355-t0k3n"  # noqa: S105 (test fixture)
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.fake-long-lived-token.sig"
+CAMERA_TOKEN = "c4m3r4-4cc355-t0k3n"
 USER_ID = "8f1c6f0e4c3b4d0e9d2a7b5c1e3f9a60"
 
 # service -> the state it leaves the entity in

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol, TypeVar
 
-NTFY_TOKEN = "tk_AgQdq7mVBoFD37zQVN29RhuMzNIz2"  # noqa: S105 (test fixture)
+NTFY_TOKEN = "tk_AgQdq7mVBoFD37zQVN29RhuMzNIz2"
 
 
 @dataclass

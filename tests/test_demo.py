@@ -1,0 +1,103 @@
+"""The demo a new user runs with no API key: `mas up` starts the broker, the
+orchestrator and the agents; `mas run message-bob` waits for the human; `mas approvals
+approve` lets it through; the message arrives once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cli import MAS, assign_free_ports, env, mas, read_until
+
+
+class Receiver(BaseHTTPRequestHandler):
+    bodies: ClassVar[list[dict[str, object]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        Receiver.bodies.append(json.loads(self.rfile.read(length) or b"{}"))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def webhook() -> Iterator[str]:
+    Receiver.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook: str) -> None:
+    root = tmp_path / "demo"
+    root.mkdir()
+    shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
+    shutil.copytree(REPO / "workflows", root / "workflows")
+    assert mas(root, "init").returncode == 0
+    assign_free_ports(root)
+    extra = {"MAS_NOTIFY_CONTACTS": json.dumps({"bob": {"kind": "webhook",
+                                                        "url": f"{webhook}/bob"}}),
+             "MAS_NOTIFY_WEBHOOK_URL": f"{webhook}/owner", "MAS_PLANNER": "offline"}
+    up = subprocess.Popen([*MAS, "up"], cwd=root, env={**env(), **extra},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert read_until(up, lines, "started orchestrator", 30), lines
+        deadline = time.monotonic() + 30
+        while True:  # until the orchestrator answers and notify has registered
+            started = mas(root, "run", "message-bob", "--json", "--wait", "2")
+            if started.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert started.returncode == 0, started.stderr
+        [wf] = json.loads(started.stdout)["workflows"]
+        assert wf["status"] == "waiting_approval", wf
+        assert Receiver.bodies == []
+
+        pending = json.loads(mas(root, "approvals", "list", "--json").stdout)
+        [approval] = pending
+        assert approval["args"]["to"] == "bob"
+        shown = mas(root, "approvals", "show", approval["id"])
+        assert "Running late" in shown.stdout
+        approved = mas(root, "approvals", "approve", approval["id"], "--reason", "fine")
+        assert approved.returncode == 0, approved.stderr
+
+        for _ in range(100):
+            shown = json.loads(mas(root, "workflow", "show", wf["id"], "--json").stdout)
+            if shown["workflows"][0]["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.2)
+        assert shown["workflows"][0]["status"] == "completed", shown
+        assert len(Receiver.bodies) == 1
+        assert "Running about 15 minutes late" in json.dumps(Receiver.bodies[0])
+        again = mas(root, "approvals", "approve", approval["id"])
+        assert again.returncode == 1
+        assert "not_pending" in again.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            up.kill()
+        out, err = up.communicate(timeout=10)
+    assert up.returncode == 0, (out, err)
+    logs = root / "data" / "logs"
+    assert {p.name for p in logs.iterdir()} >= {"orchestrator.log", "notify.log"}
+    assert '"action": "send_message"' in (logs / "notify.log").read_text()
