@@ -1,0 +1,574 @@
+"""Apple Health exports written the way the iOS Health app writes ``export.xml``.
+
+The same XML declaration, internal DTD, ``HealthData``/``ExportDate``/``Me`` header,
+attribute order, indentation and escaped ``device`` descriptions, with records from an
+iPhone and an Apple Watch. Two uses:
+
+- tests build small files from explicit elements (``header``, ``record``, ``workout``,
+  ``activity_summary``, ``FOOTER``) so the expected figures are known by hand;
+- ``write_export`` writes a realistic export of any size (a day holds about 1,000
+  records of a dozen types; records are grouped by type as in real exports), in large
+  chunks, for the benchmark and the bounded-memory tests.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>\n'
+# As Apple writes it (HealthKit export version 13, iOS 17).
+DTD = """<!DOCTYPE HealthData [
+<!-- HealthKit Export Version: 13 -->
+<!ELEMENT HealthData (ExportDate,Me,(Record|Correlation|Workout|ActivitySummary|ClinicalRecord|Audiogram|VisionPrescription)*)>
+<!ATTLIST HealthData
+  locale CDATA #REQUIRED
+>
+<!ELEMENT ExportDate EMPTY>
+<!ATTLIST ExportDate
+  value CDATA #REQUIRED
+>
+<!ELEMENT Me EMPTY>
+<!ATTLIST Me
+  HKCharacteristicTypeIdentifierDateOfBirth                 CDATA #REQUIRED
+  HKCharacteristicTypeIdentifierBiologicalSex               CDATA #REQUIRED
+  HKCharacteristicTypeIdentifierBloodType                   CDATA #REQUIRED
+  HKCharacteristicTypeIdentifierFitzpatrickSkinType         CDATA #REQUIRED
+  HKCharacteristicTypeIdentifierCardioFitnessMedicationsUse CDATA #REQUIRED
+>
+<!ELEMENT Record ((MetadataEntry|HeartRateVariabilityMetadataList)*)>
+<!ATTLIST Record
+  type          CDATA #REQUIRED
+  unit          CDATA #IMPLIED
+  value         CDATA #IMPLIED
+  sourceName    CDATA #REQUIRED
+  sourceVersion CDATA #IMPLIED
+  device        CDATA #IMPLIED
+  creationDate  CDATA #IMPLIED
+  startDate     CDATA #REQUIRED
+  endDate       CDATA #REQUIRED
+>
+<!-- Note: Any Records that appear as children of a correlation also appear as top-level records in this document. -->
+<!ELEMENT Correlation ((MetadataEntry|Record)*)>
+<!ATTLIST Correlation
+  type          CDATA #REQUIRED
+  sourceName    CDATA #REQUIRED
+  sourceVersion CDATA #IMPLIED
+  device        CDATA #IMPLIED
+  creationDate  CDATA #IMPLIED
+  startDate     CDATA #REQUIRED
+  endDate       CDATA #REQUIRED
+>
+<!ELEMENT Workout ((MetadataEntry|WorkoutEvent|WorkoutRoute|WorkoutStatistics)*)>
+<!ATTLIST Workout
+  workoutActivityType   CDATA #REQUIRED
+  duration              CDATA #IMPLIED
+  durationUnit          CDATA #IMPLIED
+  totalDistance         CDATA #IMPLIED
+  totalDistanceUnit     CDATA #IMPLIED
+  totalEnergyBurned     CDATA #IMPLIED
+  totalEnergyBurnedUnit CDATA #IMPLIED
+  sourceName            CDATA #REQUIRED
+  sourceVersion         CDATA #IMPLIED
+  device                CDATA #IMPLIED
+  creationDate          CDATA #IMPLIED
+  startDate             CDATA #REQUIRED
+  endDate               CDATA #REQUIRED
+>
+<!ELEMENT WorkoutActivity ((WorkoutEvent|WorkoutStatistics|MetadataEntry)*)>
+<!ATTLIST WorkoutActivity
+  uuid                  CDATA #REQUIRED
+  startDate             CDATA #REQUIRED
+  endDate               CDATA #IMPLIED
+  duration              CDATA #IMPLIED
+  durationUnit          CDATA #IMPLIED
+>
+<!ELEMENT WorkoutEvent ((MetadataEntry)*)>
+<!ATTLIST WorkoutEvent
+  type                  CDATA #REQUIRED
+  date                  CDATA #REQUIRED
+  duration              CDATA #IMPLIED
+  durationUnit          CDATA #IMPLIED
+>
+<!ELEMENT WorkoutStatistics EMPTY>
+<!ATTLIST WorkoutStatistics
+  type                  CDATA #REQUIRED
+  startDate             CDATA #REQUIRED
+  endDate               CDATA #REQUIRED
+  average               CDATA #IMPLIED
+  minimum               CDATA #IMPLIED
+  maximum               CDATA #IMPLIED
+  sum                   CDATA #IMPLIED
+  unit                  CDATA #IMPLIED
+>
+<!ELEMENT WorkoutRoute ((MetadataEntry|FileReference)*)>
+<!ATTLIST WorkoutRoute
+  sourceName    CDATA #REQUIRED
+  sourceVersion CDATA #IMPLIED
+  device        CDATA #IMPLIED
+  creationDate  CDATA #IMPLIED
+  startDate     CDATA #REQUIRED
+  endDate       CDATA #REQUIRED
+>
+<!ELEMENT FileReference EMPTY>
+<!ATTLIST FileReference
+  path CDATA #REQUIRED
+>
+<!ELEMENT ActivitySummary EMPTY>
+<!ATTLIST ActivitySummary
+  dateComponents           CDATA #IMPLIED
+  activeEnergyBurned       CDATA #IMPLIED
+  activeEnergyBurnedGoal   CDATA #IMPLIED
+  activeEnergyBurnedUnit   CDATA #IMPLIED
+  appleMoveTime            CDATA #IMPLIED
+  appleMoveTimeGoal        CDATA #IMPLIED
+  appleExerciseTime        CDATA #IMPLIED
+  appleExerciseTimeGoal    CDATA #IMPLIED
+  appleStandHours          CDATA #IMPLIED
+  appleStandHoursGoal      CDATA #IMPLIED
+>
+<!ELEMENT MetadataEntry EMPTY>
+<!ATTLIST MetadataEntry
+  key   CDATA #REQUIRED
+  value CDATA #REQUIRED
+>
+<!-- Note: Heart Rate Variability records captured by Apple Watch may include an associated list of instantaneous beats-per-minute readings. -->
+<!ELEMENT HeartRateVariabilityMetadataList (InstantaneousBeatsPerMinute*)>
+<!ELEMENT InstantaneousBeatsPerMinute EMPTY>
+<!ATTLIST InstantaneousBeatsPerMinute
+  bpm  CDATA #REQUIRED
+  time CDATA #REQUIRED
+>
+<!ELEMENT ClinicalRecord EMPTY>
+<!ATTLIST ClinicalRecord
+  type              CDATA #REQUIRED
+  identifier        CDATA #REQUIRED
+  sourceName        CDATA #REQUIRED
+  sourceURL         CDATA #REQUIRED
+  fhirVersion       CDATA #REQUIRED
+  receivedDate      CDATA #REQUIRED
+  resourceFilePath  CDATA #REQUIRED
+>
+<!ELEMENT Audiogram ((SensitivityPoint)*)>
+<!ATTLIST Audiogram
+  type          CDATA #REQUIRED
+  sourceName    CDATA #REQUIRED
+  sourceVersion CDATA #IMPLIED
+  device        CDATA #IMPLIED
+  creationDate  CDATA #IMPLIED
+  startDate     CDATA #REQUIRED
+  endDate       CDATA #REQUIRED
+>
+<!ELEMENT SensitivityPoint EMPTY>
+<!ATTLIST SensitivityPoint
+  frequencyValue   CDATA #REQUIRED
+  frequencyUnit    CDATA #REQUIRED
+  leftEarValue     CDATA #IMPLIED
+  leftEarUnit      CDATA #IMPLIED
+  rightEarValue    CDATA #IMPLIED
+  rightEarUnit     CDATA #IMPLIED
+>
+<!ELEMENT VisionPrescription ((RightEye|LeftEye|Attachment|MetadataEntry)*)>
+<!ATTLIST VisionPrescription
+  type             CDATA #REQUIRED
+  dateIssued       CDATA #REQUIRED
+  expirationDate   CDATA #IMPLIED
+  brand            CDATA #IMPLIED
+>
+<!ELEMENT RightEye EMPTY>
+<!ELEMENT LeftEye EMPTY>
+<!ELEMENT Attachment EMPTY>
+<!ATTLIST Attachment
+  identifier       CDATA #IMPLIED
+>
+]>
+"""  # noqa: E501 (Apple's lines, verbatim)
+ME = (' <Me HKCharacteristicTypeIdentifierDateOfBirth="1986-03-02" '
+      'HKCharacteristicTypeIdentifierBiologicalSex="HKBiologicalSexFemale" '
+      'HKCharacteristicTypeIdentifierBloodType="HKBloodTypeNotSet" '
+      'HKCharacteristicTypeIdentifierFitzpatrickSkinType="HKFitzpatrickSkinTypeNotSet" '
+      'HKCharacteristicTypeIdentifierCardioFitnessMedicationsUse="None"/>\n')
+FOOTER = "</HealthData>\n"
+
+STEPS = "HKQuantityTypeIdentifierStepCount"
+HEART_RATE = "HKQuantityTypeIdentifierHeartRate"
+HRV = "HKQuantityTypeIdentifierHeartRateVariabilitySDNN"
+DISTANCE = "HKQuantityTypeIdentifierDistanceWalkingRunning"
+ACTIVE_ENERGY = "HKQuantityTypeIdentifierActiveEnergyBurned"
+BASAL_ENERGY = "HKQuantityTypeIdentifierBasalEnergyBurned"
+EXERCISE_TIME = "HKQuantityTypeIdentifierAppleExerciseTime"
+STAND_HOUR = "HKCategoryTypeIdentifierAppleStandHour"
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    version: str
+    device: str | None  # the HKDevice description Apple writes into ``device``
+
+    def attrs(self) -> str:
+        text = _ATTRS.get(self)
+        if text is None:
+            text = f' sourceName={_q(self.name)} sourceVersion={_q(self.version)}'
+            text += f' device={_q(self.device)}' if self.device else ""
+            _ATTRS[self] = text
+        return text
+
+
+_ATTRS: dict[Source, str] = {}
+
+
+IPHONE = Source("Alex’s iPhone", "17.4.1",
+                "<<HKDevice: 0x3023d1e50>, name:iPhone, manufacturer:Apple Inc., model:iPhone, "
+                "hardware:iPhone15,2, software:17.4.1>")
+WATCH = Source("Alex’s Apple Watch", "10.4",
+               "<<HKDevice: 0x3023c8b90>, name:Apple Watch, manufacturer:Apple Inc., "
+               "model:Watch, hardware:Watch6,1, software:10.4>")
+APP = Source("Pedometer++", "2024.3", None)
+
+
+_SPECIAL = re.compile(r'[&<>"]')
+
+
+def _q(value: str) -> str:
+    if _SPECIAL.search(value):
+        value = escape(value, {'"': "&quot;"})
+    return f'"{value}"'
+
+
+def header(export_date: str, *, locale: str = "en_US") -> str:
+    """Everything before the first record; ``export_date`` like ``2024-05-14 18:52:09 -0400``."""
+    return (XML_DECLARATION + DTD + f"<HealthData locale={_q(locale)}>\n"
+            f" <ExportDate value={_q(export_date)}/>\n" + ME)
+
+
+def record(kind: str, source: Source, *, start: str, end: str, value: str | float,
+           unit: str | None = None, created: str | None = None,
+           metadata: Iterable[tuple[str, str]] = (),
+           beats: Iterable[tuple[int, str]] = ()) -> str:
+    """One ``<Record>``; ``beats`` are (bpm, time) pairs of an HRV metadata list."""
+    unit_attr = f" unit={_q(unit)}" if unit is not None else ""
+    head = (f" <Record type={_q(kind)}{source.attrs()}{unit_attr} "
+            f"creationDate={_q(created or end)} startDate={_q(start)} endDate={_q(end)} "
+            f"value={_q(str(value))}")
+    children = [f"  <MetadataEntry key={_q(k)} value={_q(v)}/>\n" for k, v in metadata]
+    beats = list(beats)
+    if beats:
+        children.append("  <HeartRateVariabilityMetadataList>\n")
+        children += [f"   <InstantaneousBeatsPerMinute bpm=\"{bpm}\" time={_q(t)}/>\n"
+                     for bpm, t in beats]
+        children.append("  </HeartRateVariabilityMetadataList>\n")
+    if not children:
+        return head + "/>\n"
+    return head + ">\n" + "".join(children) + " </Record>\n"
+
+
+def workout(source: Source, *, start: str, end: str, minutes: float,
+            activity: str = "HKWorkoutActivityTypeWalking", steps: int = 0,
+            energy: float = 0.0) -> str:
+    """One ``<Workout>`` with the metadata, event and statistics children iOS 17 writes."""
+    return (f" <Workout workoutActivityType={_q(activity)} duration=\"{minutes:.4f}\" "
+            f"durationUnit=\"min\"{source.attrs()} creationDate={_q(end)} "
+            f"startDate={_q(start)} endDate={_q(end)}>\n"
+            '  <MetadataEntry key="HKIndoorWorkout" value="0"/>\n'
+            '  <MetadataEntry key="HKTimeZone" value="America/New_York"/>\n'
+            f'  <WorkoutEvent type="HKWorkoutEventTypeSegment" date={_q(start)} '
+            f'duration="{minutes:.4f}" durationUnit="min"/>\n'
+            f'  <WorkoutStatistics type="{ACTIVE_ENERGY}" startDate={_q(start)} '
+            f'endDate={_q(end)} sum="{energy:.3f}" unit="Cal"/>\n'
+            f'  <WorkoutStatistics type="{STEPS}" startDate={_q(start)} endDate={_q(end)} '
+            f'sum="{steps}" unit="count"/>\n'
+            " </Workout>\n")
+
+
+def activity_summary(day: str, *, exercise: int, stand_hours: int,
+                     energy: float = 350.0) -> str:
+    return (f' <ActivitySummary dateComponents="{day}" activeEnergyBurned="{energy:.3f}" '
+            'activeEnergyBurnedGoal="500" activeEnergyBurnedUnit="Cal" appleMoveTime="0" '
+            f'appleMoveTimeGoal="0" appleExerciseTime="{exercise}" appleExerciseTimeGoal="30" '
+            f'appleStandHours="{stand_hours}" appleStandHoursGoal="12"/>\n')
+
+
+def small_export(path: Path, export_date: str, elements: Iterable[str]) -> Path:
+    """A complete export.xml holding exactly ``elements``."""
+    path.write_text(header(export_date) + "".join(elements) + FOOTER, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- big exports
+
+
+@dataclass
+class GeneratedExport:
+    path: Path
+    size: int
+    first_day: date
+    last_day: date
+    export_date: str
+    counts: Counter[str] = field(default_factory=Counter)  # record type or element -> written
+    # raw step sums per day and device ("watch", "phone"), before any deduplication
+    steps: dict[date, dict[str, int]] = field(default_factory=dict)
+    watch_days: set[date] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Bout:
+    start: int  # seconds after midnight
+    seconds: int
+    cadence: float  # steps per minute
+    phone: bool
+    watch: bool
+
+
+@dataclass
+class DayPlan:
+    day: date
+    text: str  # "YYYY-MM-DD"
+    wake: int
+    sleep: int
+    watch: bool
+    bouts: list[Bout]
+    workout: Bout | None
+    hrv_base: float
+    rng: random.Random
+
+
+class _Writer:
+    def __init__(self, path: Path, chunk_bytes: int) -> None:
+        self.file = path.open("w", encoding="utf-8", newline="\n")
+        self.parts: list[str] = []
+        self.pending = 0
+        self.chunk = chunk_bytes
+
+    def add(self, parts: list[str]) -> None:
+        self.parts += parts
+        self.pending += sum(map(len, parts))
+        if self.pending >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        self.file.write("".join(self.parts))
+        self.parts, self.pending = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+
+
+def write_export(path: Path, *, target_bytes: int | None = None, days: int | None = None,
+                 last_day: date = date(2024, 5, 14), seed: int = 7, tz: str = "-0400",
+                 chunk_bytes: int = 8 << 20) -> GeneratedExport:
+    """A realistic export of ``days`` days, or of about ``target_bytes`` bytes, ending on
+    ``last_day`` (exported that evening at 21:30)."""
+    if days is None:
+        if target_bytes is None:
+            raise ValueError("give days or target_bytes")
+        sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(28)]
+        per_day = sum(len(s) for p in sample for s in _day_text(p, tz, Counter(), {})) / 28
+        head = len(header("2024-05-14 21:30:00 -0400"))
+        days = max(1, round((target_bytes - head) / per_day))
+    first = last_day - timedelta(days=days - 1)
+    export_date = f"{last_day.isoformat()} 21:30:00 {tz}"
+    result = GeneratedExport(path, 0, first, last_day, export_date)
+    plans = [_plan(first + timedelta(days=i), seed, tz) for i in range(days)]
+    result.watch_days = {p.day for p in plans if p.watch}
+    out = _Writer(path, chunk_bytes)
+    try:
+        out.add([header(export_date)])
+        for render in _SECTIONS:
+            for plan in plans:
+                out.add(render(plan, tz, result.counts, result.steps))
+        for plan in plans:
+            out.add(_workouts(plan, tz, result.counts))
+        for plan in plans:
+            out.add(_summary(plan, result.counts))
+        out.add([FOOTER])
+    finally:
+        out.close()
+    result.size = path.stat().st_size
+    return result
+
+
+def _rng(seed: float) -> random.Random:
+    return random.Random(seed)  # noqa: S311 (test data, not secrets)
+
+
+def _plan(day: date, seed: int, tz: str) -> DayPlan:
+    rng = _rng(seed * 1_000_003 + day.toordinal())
+    wake = rng.randint(6 * 3600 + 1800, 8 * 3600)
+    sleep = rng.randint(22 * 3600, 23 * 3600 + 1800)
+    watch = rng.random() < 0.9
+    bouts: list[Bout] = []
+    t = wake + rng.randint(300, 1800)
+    while True:
+        t += rng.randint(600, 5400)
+        seconds = rng.randint(90, 900)
+        if t + seconds > sleep - 600:
+            break
+        bouts.append(Bout(t, seconds, rng.uniform(55, 115), rng.random() < 0.7, watch))
+        t += seconds
+    workout = None
+    if watch and rng.random() < 0.4:
+        start = rng.randint(17 * 3600, 19 * 3600)
+        workout = Bout(start, rng.randint(1500, 2700), rng.uniform(105, 125), True, True)
+        bouts = [b for b in bouts if b.start + b.seconds < start or b.start > start + 2700]
+        bouts.append(workout)
+        bouts.sort(key=lambda b: b.start)
+    return DayPlan(day, day.isoformat(), wake, sleep, watch, bouts, workout,
+                   rng.uniform(35, 65), rng)
+
+
+def _stamp(plan: DayPlan, seconds: int, tz: str) -> str:
+    s = min(seconds, 86399)
+    return f"{plan.text} {s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d} {tz}"
+
+
+def _chunks(rng: random.Random, start: int, seconds: int, low: int,
+            high: int) -> Iterator[tuple[int, int]]:
+    t, end = start, start + seconds
+    while t < end:
+        step = min(rng.randint(low, high), end - t)
+        yield t, step
+        t += step
+
+
+def _steps(plan: DayPlan, tz: str, counts: Counter[str],
+           truth: dict[date, dict[str, int]]) -> list[str]:
+    out: list[str] = []
+    rng = _rng(plan.rng.random())
+    sums = truth.setdefault(plan.day, {"watch": 0, "phone": 0})
+    for bout in plan.bouts:
+        for source, cls, low, high, shift in ((WATCH, "watch", 40, 240, 0),
+                                              (IPHONE, "phone", 200, 600, 7)):
+            if not (bout.watch if cls == "watch" else bout.phone):
+                continue
+            for t, length in _chunks(rng, bout.start + shift, bout.seconds, low, high):
+                steps = max(1, round(bout.cadence * length / 60 * rng.uniform(0.9, 1.1)))
+                sums[cls] += steps
+                counts[STEPS] += 1
+                counts[DISTANCE] += 1
+                start, end = _stamp(plan, t, tz), _stamp(plan, t + length, tz)
+                out.append(record(STEPS, source, unit="count", start=start, end=end,
+                                  value=steps, created=_stamp(plan, t + length + 41, tz)))
+                out.append(record(DISTANCE, source, unit="mi", start=start, end=end,
+                                  value=f"{steps * 0.000442:.6f}"))
+    return out
+
+
+def _heart(plan: DayPlan, tz: str, counts: Counter[str],
+           _truth: dict[date, dict[str, int]]) -> list[str]:
+    if not plan.watch:
+        return []
+    rng = _rng(plan.rng.random())
+    out, t = [], plan.wake + 900
+    while t < plan.sleep - 900:
+        moving = any(b.start <= t < b.start + b.seconds for b in plan.bouts)
+        bpm = rng.randint(95, 130) if moving else rng.randint(58, 78)
+        stamp = _stamp(plan, t, tz)
+        out.append(record(HEART_RATE, WATCH, unit="count/min", start=stamp, end=stamp,
+                          value=bpm, metadata=[("HKMetadataKeyHeartRateMotionContext",
+                                                "2" if moving else "1")]))
+        counts[HEART_RATE] += 1
+        t += rng.randint(180, 420)
+    return out
+
+
+def _hrv(plan: DayPlan, tz: str, counts: Counter[str],
+         _truth: dict[date, dict[str, int]]) -> list[str]:
+    if not plan.watch:
+        return []
+    rng = _rng(plan.rng.random())
+    out = []
+    for _ in range(rng.randint(4, 7)):
+        t = rng.randint(plan.wake + 1800, plan.sleep - 1800)
+        beats = []
+        for i in range(rng.randint(50, 70)):
+            s = t + i
+            hour = s // 3600 % 12 or 12
+            beats.append((rng.randint(55, 80), f"{hour}:{s // 60 % 60:02d}:{s % 60:02d}."
+                          f"{rng.randint(0, 99):02d} {'AM' if s < 43200 else 'PM'}"))
+        out.append(record(HRV, WATCH, unit="ms", start=_stamp(plan, t, tz),
+                          end=_stamp(plan, t + 60, tz),
+                          value=f"{plan.hrv_base * rng.uniform(0.8, 1.2):.4f}", beats=beats))
+        counts[HRV] += 1
+    return out
+
+
+def _energy(plan: DayPlan, tz: str, counts: Counter[str],
+            _truth: dict[date, dict[str, int]]) -> list[str]:
+    if not plan.watch:
+        return []
+    rng = _rng(plan.rng.random())
+    out, t = [], plan.wake + 600
+    while t < plan.sleep - 600:
+        length = rng.randint(50, 110)
+        out.append(record(ACTIVE_ENERGY, WATCH, unit="Cal", start=_stamp(plan, t, tz),
+                          end=_stamp(plan, t + length, tz), value=f"{rng.uniform(0.05, 1.4):.3f}"))
+        counts[ACTIVE_ENERGY] += 1
+        t += length + rng.randint(0, 40)
+    t = 0
+    while t < 86400 - 1200:
+        out.append(record(BASAL_ENERGY, WATCH, unit="Cal", start=_stamp(plan, t, tz),
+                          end=_stamp(plan, t + 1200, tz), value=f"{rng.uniform(18, 24):.3f}"))
+        counts[BASAL_ENERGY] += 1
+        t += 1200
+    return out
+
+
+def _stand_and_exercise(plan: DayPlan, tz: str, counts: Counter[str],
+                        _truth: dict[date, dict[str, int]]) -> list[str]:
+    if not plan.watch:
+        return []
+    out = []
+    for hour in range(plan.wake // 3600 + 1, plan.sleep // 3600):
+        stood = any(b.start // 3600 == hour for b in plan.bouts)
+        out.append(record(STAND_HOUR, WATCH, start=_stamp(plan, hour * 3600, tz),
+                          end=_stamp(plan, hour * 3600 + 3600, tz),
+                          value="HKCategoryValueAppleStandHourStood" if stood
+                          else "HKCategoryValueAppleStandHourIdle"))
+        counts[STAND_HOUR] += 1
+    for bout in plan.bouts:
+        if bout.cadence >= 100:
+            for minute in range(bout.seconds // 60):
+                t = bout.start + minute * 60
+                out.append(record(EXERCISE_TIME, WATCH, unit="min", start=_stamp(plan, t, tz),
+                                  end=_stamp(plan, t + 60, tz), value=1))
+                counts[EXERCISE_TIME] += 1
+    return out
+
+
+def _workouts(plan: DayPlan, tz: str, counts: Counter[str]) -> list[str]:
+    w = plan.workout
+    if w is None:
+        return []
+    counts["Workout"] += 1
+    return [workout(WATCH, start=_stamp(plan, w.start, tz),
+                    end=_stamp(plan, w.start + w.seconds, tz), minutes=w.seconds / 60,
+                    steps=round(w.cadence * w.seconds / 60), energy=w.seconds / 60 * 4.2)]
+
+
+def _summary(plan: DayPlan, counts: Counter[str]) -> list[str]:
+    if not plan.watch:
+        return []
+    counts["ActivitySummary"] += 1
+    exercise = sum(b.seconds // 60 for b in plan.bouts if b.cadence >= 100)
+    stood = len({b.start // 3600 for b in plan.bouts})
+    return [activity_summary(plan.text, exercise=exercise, stand_hours=stood)]
+
+
+def _day_text(plan: DayPlan, tz: str, counts: Counter[str],
+              truth: dict[date, dict[str, int]]) -> list[str]:
+    """Every element of one day (used to estimate bytes per day)."""
+    parts: list[str] = []
+    for render in _SECTIONS:
+        parts += render(plan, tz, counts, truth)
+    return parts + _workouts(plan, tz, counts) + _summary(plan, counts)
+
+
+_SECTIONS = (_heart, _steps, _hrv, _energy, _stand_and_exercise)
