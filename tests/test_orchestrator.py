@@ -90,8 +90,9 @@ async def platform(fresh_broker: RunningBroker, connect_fresh: ConnectAs
     await agent.start()
     operator = await connect_fresh("operator")
     plat = Platform(fresh_broker, orch, operator, agent, seen)
-    await eventually(lambda: len(plat.orch.registry.catalog()) == 2, timeout=5,
-                     what="notify registered")
+    await eventually(lambda: len(plat.orch.registry.catalog()) == 2
+                     and plat.agent.registration is not None, timeout=5,
+                     what="notify registered and acknowledged")
     yield plat
     seen.gate.set()
     await plat.agent.stop()
