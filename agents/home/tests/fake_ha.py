@@ -126,7 +126,9 @@ class FakeHomeAssistant:
 
 
 def _json(body: Any, status: int = 200) -> tuple[int, str, bytes]:
-    return status, "application/json", json.dumps(body).encode()
+    # compact UTF-8, as Home Assistant's orjson writes it
+    return status, "application/json", \
+        json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @contextmanager

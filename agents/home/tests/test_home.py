@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
@@ -16,6 +17,7 @@ from agents.home.agent import agent, cooldown
 from agents.home.classify import classify, explain_call
 from agents.home.models import CallServiceOut, GetStateOut, HomeSuggestion, ListStatesOut
 from agents.home.tests.fake_ha import CAMERA_TOKEN, TOKEN, FakeHomeAssistant, serve
+from agents.home.tests.real_ha import hass_executable, running
 from agents.runtime import Context, Event
 from agents.runtime.service import AgentService
 from broker.connection import SignedMessage
@@ -358,3 +360,47 @@ async def test_the_running_agent_serves_reads_gates_calls_and_suggests(
         assert len(ha.requests) == before, "a health event made the agent call Home Assistant"
     finally:
         await service.stop()
+
+
+def raw_answers(url: str, token: str) -> list[tuple[int, str, str]]:
+    """What a server says to a wrong token, an unknown entity and an unknown service."""
+    good = {"Authorization": f"Bearer {token}"}
+    answers = [httpx2.get(f"{url}/api/states", headers={"Authorization": "Bearer wrong"}),
+               httpx2.get(f"{url}/api/states/lock.back_door", headers=good),
+               httpx2.post(f"{url}/api/services/lock/explode", headers=good, json={}),
+               httpx2.post(f"{url}/api/services/lock/lock", headers=good, content=b"{bad")]
+    return [(r.status_code, r.headers["content-type"], r.text) for r in answers]
+
+
+@pytest.mark.skipif(hass_executable() is None,
+                    reason="Home Assistant is not installed: set MAS_TEST_HASS to the hass "
+                           "of a `pip install homeassistant==2024.3.3` venv to run this")
+async def test_against_a_real_home_assistant(tmp_path: Path, ha: FakeHomeAssistant) -> None:
+    hass = hass_executable()
+    assert hass is not None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with running(hass, tmp_path / "hass", port) as real:
+        assert raw_answers(real.url, real.token) == raw_answers(ha.url, TOKEN), \
+            "the fake answers differently from Home Assistant"
+        token_file = tmp_path / "real-token"
+        token_file.write_text(real.token)
+        ctx = Context.offline("home", settings={"url": real.url, "token_file": str(token_file)})
+        listed = await agent.invoke("list_states", {"domain": "input_boolean"}, ctx)
+        assert [(s.entity_id, s.state) for s in listed.states] == \
+            [("input_boolean.desk_lamp", "off")]
+        args = {"domain": "input_boolean", "service": "turn_on",
+                "entity_id": ["input_boolean.desk_lamp"]}
+        called = await agent.invoke("call_service", args, ctx)
+        assert called.error is None
+        assert [(s.entity_id, s.state) for s in called.changed] == \
+            [("input_boolean.desk_lamp", "on")]
+        assert (await agent.invoke("call_service", args, ctx)).changed == []
+        missing = await agent.invoke("get_state", {"entity_id": "lock.back_door"}, ctx)
+        assert missing.error is not None
+        assert missing.error.code == "not_found"
+        token_file.write_text("not-a-valid-token")
+        refused = await agent.invoke("list_states", {}, ctx)
+        assert refused.error is not None
+        assert refused.error.code == "unauthorized"
