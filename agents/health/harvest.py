@@ -137,6 +137,16 @@ class Harvest:
         elif name == "ExportDate":
             self._guard(self._export_date, attrs)
 
+    def element_list(self, name: str, attrs: list[str]) -> None:
+        """``element`` for expat's ``ordered_attributes`` ([name, value, ...]): only the
+        elements kept become dicts. Apple writes ``type`` first; otherwise it is looked up."""
+        if name == "Record":
+            kind = attrs[1] if attrs and attrs[0] == "type" else _lookup(attrs, "type")
+            if kind in (STEPS, HRV):
+                self._record(kind, dict(zip(attrs[::2], attrs[1::2], strict=True)))
+        elif name in _OTHER_ELEMENTS:
+            self.element(name, dict(zip(attrs[::2], attrs[1::2], strict=True)))
+
     def _record(self, kind: str, attrs: dict[str, str]) -> None:
         try:
             start = attrs["startDate"]
@@ -244,6 +254,16 @@ class Harvest:
     def coverage(self) -> Moment | None:
         """Until when the data is complete: the export date, else the newest sample."""
         return self.export_date or self.latest
+
+
+_OTHER_ELEMENTS = frozenset({"Workout", "ActivitySummary", "ExportDate"})
+
+
+def _lookup(attrs: list[str], key: str) -> str | None:
+    for i in range(0, len(attrs) - 1, 2):
+        if attrs[i] == key:
+            return attrs[i + 1]
+    return None
 
 
 def _int(text: str | None) -> int | None:

@@ -1,7 +1,7 @@
 """Streaming, hardened reader of the Health app's ``export.xml`` (1-3 GB in real life).
 
 It uses expat with only a start-element handler: no element objects are built, the file
-is fed in 1 MiB chunks, and memory stays at a chunk plus the ``Harvest`` aggregates.
+is fed in 64 KiB chunks, and memory stays at a chunk plus the ``Harvest`` aggregates.
 
 The export carries an internal DTD, so the XML features that make such files
 dangerous are all reachable; each is refused, before anything is expanded or fetched:
@@ -18,6 +18,7 @@ would have to buffer it whole.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from xml.parsers import expat
 
 from agents.health.harvest import Harvest
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 64 << 10  # expat copies each chunk into its own buffer: keep both small
 MAX_TOKEN_BYTES = 16 << 20
 ROOT = "HealthData"
 
@@ -50,11 +51,12 @@ def parse_xml(stream: IO[bytes], harvest: Harvest, *, max_bytes: int,
     parser.ExternalEntityRefHandler = _external
     parser.SkippedEntityHandler = _skipped
 
-    def first(name: str, attrs: dict[str, str]) -> None:
+    def first(name: str, attrs: list[str]) -> None:
         if name != ROOT:
             raise ExportError(f"not an Apple Health export: the root element is not {ROOT}")
-        parser.StartElementHandler = harvest.element  # from now on, straight to the sink
+        parser.StartElementHandler = harvest.element_list  # from now on, straight to it
 
+    parser.ordered_attributes = True  # a list per element is cheaper than a dict
     parser.StartElementHandler = first
     read = 0
     try:
@@ -130,6 +132,7 @@ def read_export(path: Path, *, retention_days: int | None, max_bytes: int) -> Ha
     try:
         with open_export(path) as stream:
             parse_xml(stream, harvest, max_bytes=max_bytes)
-    except (zipfile.BadZipFile, EOFError) as exc:  # a corrupt member shows up while reading
-        raise ExportError(f"corrupt zip archive ({type(exc).__name__})") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:  # a corrupt member, while read
+        kind = type(exc)
+        raise ExportError(f"corrupt zip archive ({kind.__module__}.{kind.__name__})") from None
     return harvest
