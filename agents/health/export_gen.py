@@ -369,8 +369,10 @@ def write_export(path: Path, *, target_bytes: int | None = None, days: int | Non
     if days is None:
         if target_bytes is None:
             raise ValueError("give days or target_bytes")
-        sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(28)]
-        per_day = sum(len(s) for p in sample for s in _day_text(p, tz, Counter(), {})) / 28
+        n = 120  # days rendered to estimate the size of one (within about 1%)
+        sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(n)]
+        per_day = sum(len(s.encode()) for p in sample
+                      for s in _day_text(p, tz, Counter(), {})) / n
         head = len(header("2024-05-14 21:30:00 -0400"))
         days = max(1, round((target_bytes - head) / per_day))
     first = last_day - timedelta(days=days - 1)
