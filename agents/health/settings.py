@@ -22,7 +22,7 @@ class HealthSettings(BaseSettings):
     poll_seconds: float = Field(default=300.0, ge=5, le=86400)
     retention_days: int = Field(default=90, ge=8, le=3660)  # days of aggregates kept in KV
     max_export_mb: int = Field(default=8192, ge=1)  # uncompressed export.xml
-    max_json_mb: int = Field(default=64, ge=1)  # JSON is read whole
+    max_json_mb: int = Field(default=32, ge=1)  # JSON is read whole (and takes ~8x in memory)
     # an action parses new files up to this size before answering; bigger ones wait for
     # the poll, so a request never waits for a multi-gigabyte parse
     inline_parse_mb: int = Field(default=64, ge=0)

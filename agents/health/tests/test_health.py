@@ -332,6 +332,21 @@ async def test_the_zip_from_the_health_app_is_read_without_extracting(tmp_path: 
     assert names(tmp_path) == ["export.zip"]  # nothing extracted next to it
 
 
+def test_a_corrupt_zip_is_an_export_error(tmp_path: Path) -> None:
+    member = "apple_health_export/export.xml"
+    with zipfile.ZipFile(tmp_path / "export.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, header(ts(DAY, "21:30:00")) + FOOTER)
+    raw = bytearray((tmp_path / "export.zip").read_bytes())
+    start = 30 + len(member)  # the deflate data follows the local file header
+    raw[start:start + 8] = b"\xff" * 8
+    (tmp_path / "export.zip").write_bytes(bytes(raw))
+    with pytest.raises(ExportError, match=r"corrupt zip archive \(zlib.error\)"):
+        read_export(tmp_path / "export.zip", retention_days=None, max_bytes=BIG)
+    (tmp_path / "other.zip").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ExportError, match="not a zip archive"):
+        read_export(tmp_path / "other.zip", retention_days=None, max_bytes=BIG)
+
+
 def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
