@@ -237,7 +237,7 @@ async def test_send_message_to_an_unknown_contact_sends_nothing(
     assert ntfy.received == webhook.received == []
 
 
-@pytest.mark.parametrize("to", ["https://evil.example/hook", "bob@example.com", "Bob", ""])
+@pytest.mark.parametrize("to", ["https://attacker.invalid/hook", "bob@example.com", "Bob", ""])
 def test_send_message_takes_a_contact_name_never_an_address(to: str) -> None:
     with pytest.raises(ValidationError):
         agent.actions["send_message"].input_model.model_validate(
