@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 from structlog.testing import capture_logs
 
-from agents.runtime import Agent, Context, Explanation
+from agents.runtime import ActionError, Agent, Context, Explanation
 from agents.runtime.service import AgentService
 from broker import subjects as subj
 from broker.connection import BrokerClient, reply_binding
@@ -61,6 +61,8 @@ def make_agent(name: str, seen: Seen) -> Agent:
         seen.calls.append(("notify_owner", args.text))
         if args.text == "boom":
             raise RuntimeError("handler bug")
+        if args.text == "missing":
+            raise ActionError("not_configured", "no channel; set MAS_NOTIFY_WEBHOOK_URL")
         if args.text == "slow":
             await seen.gate.wait()
         if args.text == "propose":
@@ -295,6 +297,9 @@ async def test_a_failing_handler_is_reported_without_its_internals(rig: Rig) -> 
     assert isinstance(reply, Failed)
     assert reply.code == "handler_error"
     assert "handler bug" not in reply.reason
+    expected = await rig.caller.call("notify", "notify_owner", {"text": "missing"})
+    assert expected == Failed(code="not_configured",
+                              reason="no channel; set MAS_NOTIFY_WEBHOOK_URL")
 
 
 async def test_each_request_is_logged_once_without_its_payload(rig: Rig) -> None:

@@ -2,11 +2,11 @@
 so that an agent's own module holds only its domain logic."""
 
 from agents.runtime.context import Context, Event, MemoryState, State, load_model, save_model
-from agents.runtime.declare import Agent, DeclarationError
+from agents.runtime.declare import ActionError, Agent, DeclarationError
 from protocol.actions import Proposal
 from protocol.explain import Explanation
 
 __all__ = [
-    "Agent", "Context", "DeclarationError", "Event", "Explanation", "MemoryState", "Proposal",
-    "State", "load_model", "save_model",
+    "ActionError", "Agent", "Context", "DeclarationError", "Event", "Explanation",
+    "MemoryState", "Proposal", "State", "load_model", "save_model",
 ]

@@ -33,6 +33,17 @@ PollHandler = Callable[["Context"], Awaitable[None]]
 EventHandler = Callable[["Event", "Context"], Awaitable[None]]
 
 
+class ActionError(Exception):
+    """Raised by a handler for an expected failure the caller should see by its code
+    (``not_configured``, ``not_found``...); the runtime answers ``Failed(code, reason)``.
+    Any other exception is a bug and is answered as ``handler_error`` without details."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class DeclarationError(TypeError):
     """An agent module declares something the runtime cannot serve."""
 

@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ValidationError
 
 from agents.runtime.context import Context, Event
-from agents.runtime.declare import ActionDef, Agent, EventDef, PollDef
+from agents.runtime.declare import ActionDef, ActionError, Agent, EventDef, PollDef
 from agents.runtime.gate import CommandGate, Refusal, parse_args
 from agents.runtime.ledger import SingleUseLedger
 from agents.runtime.senders import sender_allowed
@@ -182,6 +182,8 @@ class AgentService:
         ctx = self.context.for_request(trace_id)
         try:
             output = await definition.handler(model, ctx)
+        except ActionError as exc:
+            return Failed(code=exc.code[:64], reason=exc.reason[:500])
         except Exception as exc:
             log.exception("agent.handler_failed", agent=self.agent.name,
                           action=definition.name, trace_id=trace_id, error=type(exc).__name__)
