@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -339,11 +341,16 @@ class DayPlan:
     rng: random.Random
 
 
-class _Writer:
+class _Spool:
+    """One section of the export (a record type, the workouts, the summaries), written
+    day by day to its own file in large chunks; ``size`` counts encoded bytes."""
+
     def __init__(self, path: Path, chunk_bytes: int) -> None:
-        self.file = path.open("w", encoding="utf-8", newline="\n")
+        self.path = path
+        self.file = path.open("wb")
         self.parts: list[str] = []
         self.pending = 0
+        self.size = 0
         self.chunk = chunk_bytes
 
     def add(self, parts: list[str]) -> None:
@@ -353,48 +360,62 @@ class _Writer:
             self.flush()
 
     def flush(self) -> None:
-        self.file.write("".join(self.parts))
+        data = "".join(self.parts).encode()
+        self.file.write(data)
+        self.size += len(data)
         self.parts, self.pending = [], 0
 
-    def close(self) -> None:
-        self.flush()
-        self.file.close()
+    @property
+    def approx_size(self) -> int:
+        return self.size + self.pending
 
 
 def write_export(path: Path, *, target_bytes: int | None = None, days: int | None = None,
                  last_day: date = date(2024, 5, 14), seed: int = 7, tz: str = "-0400",
-                 chunk_bytes: int = 8 << 20) -> GeneratedExport:
-    """A realistic export of ``days`` days, or of about ``target_bytes`` bytes, ending on
-    ``last_day`` (exported that evening at 21:30)."""
-    if days is None:
-        if target_bytes is None:
-            raise ValueError("give days or target_bytes")
-        n = 120  # days rendered to estimate the size of one (within about 1%)
-        sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(n)]
-        per_day = sum(len(s.encode()) for p in sample
-                      for s in _day_text(p, tz, Counter(), {})) / n
-        head = len(header("2024-05-14 21:30:00 -0400"))
-        days = max(1, round((target_bytes - head) / per_day))
-    first = last_day - timedelta(days=days - 1)
-    export_date = f"{last_day.isoformat()} 21:30:00 {tz}"
-    result = GeneratedExport(path, 0, first, last_day, export_date)
-    plans = [_plan(first + timedelta(days=i), seed, tz) for i in range(days)]
-    result.watch_days = {p.day for p in plans if p.watch}
-    out = _Writer(path, chunk_bytes)
-    try:
-        out.add([header(export_date)])
-        for render in _SECTIONS:
-            for plan in plans:
-                out.add(render(plan, tz, result.counts, result.steps))
-        for plan in plans:
-            out.add(_workouts(plan, tz, result.counts))
-        for plan in plans:
-            out.add(_summary(plan, result.counts))
-        out.add([FOOTER])
-    finally:
-        out.close()
-    result.size = path.stat().st_size
-    return result
+                 chunk_bytes: int = 4 << 20) -> GeneratedExport:
+    """A realistic export of ``days`` days ending on ``last_day``, or of at least
+    ``target_bytes`` bytes (about one day more) ending near ``last_day``; exported on
+    its last day at 21:30.
+
+    Days are generated in order into one spool file per section, then the header and
+    the sections are concatenated: grouped by type as in real exports, in one pass."""
+    if (days is None) == (target_bytes is None):
+        raise ValueError("give days or target_bytes")
+    span = days if days is not None else _estimate_days(target_bytes or 0, last_day, seed, tz)
+    first = day = last_day - timedelta(days=span - 1)
+    renders = [*_SECTIONS, _workouts, _summary]
+    counts: Counter[str] = Counter()
+    steps: dict[date, dict[str, int]] = {}
+    watch_days: set[date] = set()
+    with tempfile.TemporaryDirectory(prefix="export-", dir=path.parent) as spool_dir:
+        spools = [_Spool(Path(spool_dir) / str(i), chunk_bytes) for i in range(len(renders))]
+        while (days is not None and day <= last_day) or (
+                target_bytes is not None and sum(s.approx_size for s in spools) < target_bytes):
+            plan = _plan(day, seed, tz)
+            watch_days |= {day} if plan.watch else set()
+            for spool, render in zip(spools, renders, strict=True):
+                spool.add(render(plan, tz, counts, steps))
+            day += timedelta(days=1)
+        last = day - timedelta(days=1)
+        export_date = f"{last.isoformat()} 21:30:00 {tz}"
+        with path.open("wb") as out:
+            out.write(header(export_date).encode())
+            for spool in spools:
+                spool.flush()
+                spool.file.close()
+                with spool.path.open("rb") as section:
+                    shutil.copyfileobj(section, out, 8 << 20)
+            out.write(FOOTER.encode())
+    return GeneratedExport(path, path.stat().st_size, first, last, export_date, counts, steps,
+                           watch_days)
+
+
+def _estimate_days(target_bytes: int, last_day: date, seed: int, tz: str) -> int:
+    """Where to start so that the target is reached near ``last_day`` (days vary a lot:
+    the generation itself decides where to stop)."""
+    sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(28)]
+    per_day = sum(len(s) for p in sample for s in _day_text(p, tz, Counter(), {})) / 28
+    return max(1, round(target_bytes / per_day))
 
 
 def _rng(seed: float) -> random.Random:
@@ -545,7 +566,8 @@ def _stand_and_exercise(plan: DayPlan, tz: str, counts: Counter[str],
     return out
 
 
-def _workouts(plan: DayPlan, tz: str, counts: Counter[str]) -> list[str]:
+def _workouts(plan: DayPlan, tz: str, counts: Counter[str],
+              _truth: dict[date, dict[str, int]]) -> list[str]:
     w = plan.workout
     if w is None:
         return []
@@ -555,7 +577,8 @@ def _workouts(plan: DayPlan, tz: str, counts: Counter[str]) -> list[str]:
                     steps=round(w.cadence * w.seconds / 60), energy=w.seconds / 60 * 4.2)]
 
 
-def _summary(plan: DayPlan, counts: Counter[str]) -> list[str]:
+def _summary(plan: DayPlan, _tz: str, counts: Counter[str],
+             _truth: dict[date, dict[str, int]]) -> list[str]:
     if not plan.watch:
         return []
     counts["ActivitySummary"] += 1
@@ -570,7 +593,7 @@ def _day_text(plan: DayPlan, tz: str, counts: Counter[str],
     parts: list[str] = []
     for render in _SECTIONS:
         parts += render(plan, tz, counts, truth)
-    return parts + _workouts(plan, tz, counts) + _summary(plan, counts)
+    return parts + _workouts(plan, tz, counts, truth) + _summary(plan, tz, counts, truth)
 
 
 _SECTIONS = (_heart, _steps, _hrv, _energy, _stand_and_exercise)
