@@ -1,7 +1,7 @@
 """Streaming, hardened reader of the Health app's ``export.xml`` (1-3 GB in real life).
 
 It uses expat with only a start-element handler: no element objects are built, the file
-is fed in 64 KiB chunks, and memory stays at a chunk plus the ``Harvest`` aggregates.
+is fed in 16 KiB chunks, and memory stays at a chunk plus the ``Harvest`` aggregates.
 
 The export carries an internal DTD, so the XML features that make such files
 dangerous are all reachable; each is refused, before anything is expanded or fetched:
@@ -27,7 +27,7 @@ from xml.parsers import expat
 
 from agents.health.harvest import Harvest
 
-CHUNK_BYTES = 64 << 10  # expat copies each chunk into its own buffer: keep both small
+CHUNK_BYTES = 16 << 10  # expat copies each chunk into its own buffer: keep both small
 MAX_TOKEN_BYTES = 16 << 20
 ROOT = "HealthData"
 
