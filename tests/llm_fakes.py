@@ -368,7 +368,7 @@ class FakeOpenAI(_FakeServer):
         masked = f"{self.api_key[:8]}********{self.api_key[-4:]}"
         return self.error(401, "invalid_request_error",
                           f"Incorrect API key provided: {masked}. You can find your API key "
-                          "at https://platform.openai.com/account/api-keys.",
+                          "in your account settings.",
                           code="invalid_api_key")
 
     def rate_limit(self, retry_after_ms: int = 1) -> Reply:
