@@ -7,7 +7,6 @@ hosts, a name used twice) raise ``PolicyError`` naming the line.
 
 from __future__ import annotations
 
-import difflib
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from broker import subjects as subj
 from broker.errors import PolicyError
+from broker.yaml_errors import first_problem
 from broker.yaml_lines import LineMap, load_yaml_with_lines
 
 IdentityName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
@@ -215,44 +215,9 @@ def _check_agent(name: str, agent: Agent, agents: dict[str, Agent]) -> list[Prob
     return problems
 
 
-def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
-    """The keys the model accepts at the mapping that contains ``loc``."""
-    model: type[BaseModel] = Policy
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            if model is Policy or not hasattr(model, "model_fields"):
-                return []
-            continue
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        nested = next((a for a in (annotation, *args)
-                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if nested is None:
-            return []
-        model = nested
-    return list(model.model_fields)
-
-
 def _format_validation(exc: ValidationError, lines: LineMap, path: Path) -> PolicyError:
-    errors = exc.errors()
-    # An unknown key explains a "missing" one (a typo), so report it first.
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(err["loc"])
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "see policy.yaml's header for the keys"
-        msg = f"{dotted}: unknown key; {hint}"
-    elif err["type"] == "missing":
-        msg = f"{dotted}: required key is missing"
-    else:
-        msg = f"{dotted}: {err['msg']}"
-    more = len(errors) - 1
-    if more:
-        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    msg, loc = first_problem(exc, Policy,
+                             no_match_hint="see policy.yaml's header for the keys")
     return PolicyError(msg, path=path, line=lines.line_for(loc))
 
 

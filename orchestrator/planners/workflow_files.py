@@ -21,19 +21,18 @@ the registry's catalog, so that is ``validate_plan``'s job when a plan is made.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from broker import subjects as subj
 from broker.errors import PolicyError
+from broker.yaml_errors import first_problem
 from broker.yaml_lines import LineMap, load_yaml_with_lines
 from orchestrator.plan import MAX_STEPS, Plan, Step
 from orchestrator.planners.schedule import Schedule, parse_schedule
-from protocol.explain import Explanation
 
 WorkflowName = Annotated[str, Field(min_length=1, max_length=48,
                                     pattern=r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")]
@@ -135,42 +134,14 @@ class Workflow(BaseModel):
         return Plan(summary=self.description, steps=self.steps, planner=f"offline/{self.name}")
 
 
-_MODELS: dict[str, type[BaseModel]] = {"triggers": Trigger, "steps": Step,
-                                       "explanation": Explanation}
-
-
-def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
-    """The keys allowed in the mapping that holds ``loc``'s last key."""
-    model: type[BaseModel] = Workflow
-    for part in loc[:-1]:
-        if isinstance(part, str):
-            nested = _MODELS.get(part)
-            if nested is None:
-                return []
-            model = nested
-    return list(model.model_fields)
+def _error_loc(err: dict[str, Any]) -> tuple[str | int, ...]:
+    if err["type"] == "step_graph":
+        return tuple(err.get("ctx", {}).get("field", err["loc"]))
+    return tuple(err["loc"])
 
 
 def _format(exc: ValidationError, lines: LineMap, path: Path) -> WorkflowError:
-    errors = exc.errors()
-    # An unknown key usually explains a "missing" one (a typo): report it first.
-    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(err["loc"])
-    text = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "step_graph":
-        loc = tuple(err.get("ctx", {}).get("field", loc))
-    dotted = ".".join(map(str, loc)) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        msg = f"{dotted}: unknown key{hint}"
-    elif err["type"] == "missing":
-        msg = f"{dotted}: required key is missing"
-    else:
-        msg = f"{dotted}: {text}"
-    more = len(errors) - 1
-    if more:
-        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    msg, loc = first_problem(exc, Workflow, plain_messages=True, loc_of=_error_loc)
     return WorkflowError(msg, path=path, line=lines.line_for(loc))
 
 
