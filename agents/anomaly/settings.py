@@ -7,10 +7,12 @@ recorded stream replays to the same alerts whatever the wall clock says.
 from __future__ import annotations
 
 from datetime import time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agents.runtime.settings import TimeZoneName
 
 PLATFORM_IDENTITIES = frozenset({"orchestrator", "control", "operator"})
 
@@ -23,7 +25,7 @@ class AnomalySettings(BaseSettings):
     burst_threshold: int = Field(default=5, ge=2)
 
     # token requests inside [quiet_start, quiet_end) local time (may wrap midnight)
-    timezone: str = "UTC"
+    timezone: TimeZoneName = "UTC"
     quiet_start: time = time(0, 0)
     quiet_end: time = time(6, 0)
     quiet_cooldown_s: float = Field(default=3600.0, gt=0)
@@ -51,15 +53,6 @@ class AnomalySettings(BaseSettings):
     sensitive_prior_hours: float = Field(default=6.0, ge=0)
 
     recent_max: int = Field(default=200, ge=1, le=10_000)
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
 
     @property
     def zone(self) -> ZoneInfo:

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _known_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {value!r}") from exc
+    return value
+
+
+# An IANA time zone name (Europe/Berlin), checked when settings load; for agents' settings.
+TimeZoneName = Annotated[str, AfterValidator(_known_zone)]
 
 
 class AgentSettings(BaseSettings):
