@@ -16,11 +16,11 @@ from typing import Annotated, Protocol
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from protocol.actions import Name
 from protocol.explain import Explanation
 
 MAX_STEPS = 16
 StepId = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_\-]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class Step(BaseModel):

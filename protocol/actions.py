@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
 from protocol.explain import Explanation
 
+# Agent, action and refusal-code names: lower-case identifiers, as policy.yaml spells them.
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
-Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+Code = Name
 
 
 class Proposal(BaseModel):
