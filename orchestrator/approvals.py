@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import JsonValue
 
+from orchestrator.errors import Refusal
 from protocol.approvals import Approval, ApprovalStatus
 from protocol.explain import Explanation
 from security.decisions import ApprovalDecision, verify_decision
@@ -28,11 +29,8 @@ from security.keys import KeyRing
 DEFAULT_TTL_S = 15 * 60
 
 
-class ApprovalError(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+class ApprovalError(Refusal):
+    """A decision or use the approval's state does not allow."""
 
 
 class ApprovalStore:

@@ -25,6 +25,7 @@ from orchestrator.approvals import ApprovalError, ApprovalStore
 from orchestrator.audit import AuditLog
 from orchestrator.dispatch import AgentCaller
 from orchestrator.engine import Engine
+from orchestrator.errors import Refusal
 from orchestrator.plan import Plan, Planner, PlanRejected, Step
 from orchestrator.registry import Registry
 from orchestrator.workflows import Workflow
@@ -39,12 +40,6 @@ from security.tokens import TokenIssuer
 log = structlog.get_logger("mas.orchestrator")
 OPERATOR = "operator"
 SWEEP_S = 2.0
-
-
-class Refuse(Exception):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason
 
 
 class WorkflowList(BaseModel):
@@ -107,14 +102,12 @@ class Orchestrator:
         async def serve(msg: SignedMessage) -> None:
             try:
                 answer = await handler(msg)
-            except Refuse as exc:
+            except Refusal as exc:  # ApprovalError included
                 answer = AdminError(code=exc.code, reason=exc.reason[:500])
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(map(str, first["loc"])) or "request"
                 answer = AdminError(code="invalid_request", reason=f"{where}: {first['msg']}"[:500])
-            except ApprovalError as exc:
-                answer = AdminError(code=exc.code, reason=exc.reason[:500])
             except Exception as exc:
                 log.exception("orchestrator.endpoint_failed", subject=subject)
                 answer = AdminError(code="internal", reason=f"{type(exc).__name__}; see the "
@@ -130,7 +123,7 @@ class Orchestrator:
     @staticmethod
     def _operator_only(msg: SignedMessage) -> None:
         if msg.sender != OPERATOR:
-            raise Refuse("not_operator", f"only the operator may use {msg.subject}")
+            raise Refusal("not_operator", f"only the operator may use {msg.subject}")
 
     async def _load_registrations(self) -> None:
         import nats.js.errors
@@ -162,7 +155,7 @@ class Orchestrator:
         waits for the operator, and the answer names the approval."""
         request = TokenRequest.model_validate_json(msg.data)
         if request.agent != msg.sender:
-            raise Refuse("wrong_sender", f"{msg.sender} cannot ask in {request.agent}'s name")
+            raise Refusal("wrong_sender", f"{msg.sender} cannot ask in {request.agent}'s name")
         info = self.registry.catalog().get(request.action_agent, request.action)
         await self.audit_log.record("token_request", msg.sender, request.action, "pending",
                                     trace_id=msg.trace_id,
@@ -231,14 +224,14 @@ class Orchestrator:
         self._operator_only(msg)
         request = admin.WorkflowRunRequest.model_validate_json(msg.data)
         if self.planner is None:
-            raise Refuse("no_planner", "no planner is configured")
+            raise Refusal("no_planner", "no planner is configured")
         try:
             plan = await self.planner.plan(request.request, self.registry.catalog())
         except PlanRejected as exc:
             await self.audit_log.record("workflow", msg.sender, "plan", "refused",
                                         code="plan_rejected", trace_id=msg.trace_id,
                                         detail={"reason": exc.reason})
-            raise Refuse("plan_rejected", exc.reason) from exc
+            raise Refusal("plan_rejected", exc.reason) from exc
         wf = await self.engine.submit(request.request, plan, trace_id=msg.trace_id)
         if wf.status != "rejected":
             task = self.engine.start(wf.id)
@@ -253,7 +246,7 @@ class Orchestrator:
         if query.id is not None:
             wf = await self.engine.load(query.id)
             if wf is None:
-                raise Refuse("unknown_workflow", f"no workflow {query.id}")
+                raise Refusal("unknown_workflow", f"no workflow {query.id}")
             return WorkflowList(workflows=[wf])
         return WorkflowList(workflows=(await self.engine.all())[-50:])
 
