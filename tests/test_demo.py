@@ -8,16 +8,16 @@ import json
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from tests.conftest import REPO
+from tests.loopback import serve_http
 from tests.test_cli import MAS, assign_free_ports, env, mas, read_until
 
 
@@ -37,11 +37,8 @@ class Receiver(BaseHTTPRequestHandler):
 @pytest.fixture
 def webhook() -> Iterator[str]:
     Receiver.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_http(Receiver) as url:
+        yield url
 
 
 def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook: str) -> None:
