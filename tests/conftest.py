@@ -14,9 +14,12 @@ import pytest
 
 from broker import connection
 from broker.compiler import compile_config
+from broker.revocations import RevocationAuthority
 from broker.secrets import SecretsLayout, init_secrets, load_identity
 from broker.server import NatsServer
 from mas.project import Project
+from orchestrator.dispatch import AgentCaller
+from security.tokens import TokenIssuer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,3 +169,11 @@ async def settle(*clients: connection.BrokerClient) -> None:
     """Make sure the server has processed every subscription of ``clients``."""
     for client in clients:
         await client.sync(timeout=3)
+
+
+async def commander(connect: ConnectAs) -> tuple[connection.BrokerClient, AgentCaller]:
+    """Act as the orchestrator towards agents: serve revocations (every agent loads them on
+    start) and mint a real token for each command."""
+    orch = await connect("orchestrator")
+    await RevocationAuthority.start(orch)
+    return orch, AgentCaller(orch, TokenIssuer("orchestrator", orch.material.signing_key))

@@ -20,13 +20,10 @@ from agents.aggregator.settings import AggregatorSettings
 from agents.anomaly.alerts import AnomalyAlert
 from agents.runtime import Context, Event, MemoryState
 from agents.runtime.service import AgentService
-from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
-from orchestrator.dispatch import AgentCaller
 from protocol.actions import Completed
 from protocol.explain import Explanation
-from security.tokens import TokenIssuer
-from tests.conftest import ConnectAs, RunningBroker, wait_for_violation
+from tests.conftest import ConnectAs, RunningBroker, commander, wait_for_violation
 
 NOON = datetime(2026, 11, 24, 12, 0, tzinfo=UTC).timestamp()
 HOUR = 3600.0
@@ -253,10 +250,7 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> 
 async def test_the_running_agent_digests_what_it_may_read_and_keeps_it_across_a_restart(
     broker: RunningBroker, connect_as: ConnectAs,
 ) -> None:
-    orch = await connect_as("orchestrator")
-    await RevocationAuthority.start(orch)
-    caller = AgentCaller(orch, TokenIssuer(
-        "orchestrator", load_identity(broker.secrets, "orchestrator").signing_key))
+    _, caller = await commander(connect_as)
 
     async def start() -> AgentService:
         service = AgentService(aggregator.agent, load_identity(broker.secrets, "aggregator"),

@@ -23,15 +23,13 @@ from agents.backup.transitions import Schedule, Transitions
 from agents.runtime import Context
 from agents.runtime.service import AgentService
 from broker.connection import SignedMessage
-from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
-from orchestrator.dispatch import AgentCaller
 from protocol.actions import Completed
-from security.tokens import TokenIssuer
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
     RunningBroker,
     broker,  # noqa: F401
+    commander,
     connect_as,  # noqa: F401
     eventually,
     project,  # noqa: F401
@@ -357,10 +355,7 @@ def test_real_restic_output(tmp_path: Path) -> None:
 @pytest.mark.broker
 async def test_the_running_agent_answers_and_publishes_a_transition(
         tmp_path: Path, broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
-    orch = await connect_as("orchestrator")
-    await RevocationAuthority.start(orch)
-    caller = AgentCaller(orch, TokenIssuer(
-        "orchestrator", load_identity(broker.secrets, "orchestrator").signing_key))
+    orch, caller = await commander(connect_as)
     events: list[SignedMessage] = []
 
     async def on_event(msg: SignedMessage) -> None:

@@ -43,7 +43,7 @@ from agents.health.parser import ExportError, UnsafeExport, read_export
 from agents.health.settings import HealthSettings
 from agents.health.stored import DayData, day_key
 from agents.runtime import Context, MemoryState, Proposal
-from tests.conftest import broker, connect_as, project  # noqa: F401
+from tests.conftest import broker, commander, connect_as, project  # noqa: F401
 
 TZ = "-0400"
 EDT = timezone(timedelta(hours=-4))
@@ -571,16 +571,10 @@ def _log() -> Any:
 async def test_the_agent_answers_over_the_real_broker(
         broker: Any, connect_as: Any, tmp_path: Path) -> None:  # noqa: F811
     from agents.runtime.service import AgentService
-    from broker.revocations import RevocationAuthority
     from broker.secrets import load_identity
-    from orchestrator.dispatch import AgentCaller
     from protocol.actions import Completed
-    from security.tokens import TokenIssuer
 
-    orch = await connect_as("orchestrator")
-    await RevocationAuthority.start(orch)
-    caller = AgentCaller(orch, TokenIssuer(
-        "orchestrator", load_identity(broker.secrets, "orchestrator").signing_key))
+    orch, caller = await commander(connect_as)
     events: list[Any] = []
 
     async def on_event(msg: Any) -> None:

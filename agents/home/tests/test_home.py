@@ -21,15 +21,13 @@ from agents.home.tests.real_ha import hass_executable, running
 from agents.runtime import Context, Event
 from agents.runtime.service import AgentService
 from broker.connection import SignedMessage
-from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
-from orchestrator.dispatch import AgentCaller
 from protocol.actions import Completed, Refused
-from security.tokens import TokenIssuer
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
     RunningBroker,
     broker,  # noqa: F401
+    commander,
     connect_as,  # noqa: F401
     eventually,
     project,  # noqa: F401
@@ -314,10 +312,7 @@ async def test_without_a_break_light_a_break_is_only_logged(
 async def test_the_running_agent_serves_reads_gates_calls_and_suggests(
         ha: FakeHomeAssistant, token_file: Path, broker: RunningBroker,  # noqa: F811
         connect_as: ConnectAs) -> None:  # noqa: F811
-    orch = await connect_as("orchestrator")
-    await RevocationAuthority.start(orch)
-    caller = AgentCaller(orch, TokenIssuer(
-        "orchestrator", load_identity(broker.secrets, "orchestrator").signing_key))
+    orch, caller = await commander(connect_as)
     suggestions: list[SignedMessage] = []
 
     async def on_suggestion(msg: SignedMessage) -> None:

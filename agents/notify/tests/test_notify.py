@@ -16,15 +16,13 @@ from agents.notify.models import NotifyOut
 from agents.notify.tests.receivers import NTFY_TOKEN, FakeNtfy, FakeWebhook, serve
 from agents.runtime import Context
 from agents.runtime.service import AgentService
-from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
-from orchestrator.dispatch import AgentCaller
 from protocol.actions import Completed, Failed, Refused
-from security.tokens import TokenIssuer
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
     RunningBroker,
     broker,  # noqa: F401
+    commander,
     connect_as,  # noqa: F401
     project,  # noqa: F401
 )
@@ -257,10 +255,7 @@ async def test_a_bad_contacts_setting_is_named(monkeypatch: pytest.MonkeyPatch) 
 async def test_the_running_agent_notifies_the_owner_and_gates_other_recipients(
         ntfy: FakeNtfy, webhook: FakeWebhook, token_file: Path,
         broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
-    orch = await connect_as("orchestrator")
-    await RevocationAuthority.start(orch)
-    caller = AgentCaller(orch, TokenIssuer(
-        "orchestrator", load_identity(broker.secrets, "orchestrator").signing_key))
+    _, caller = await commander(connect_as)
     service = AgentService(agent, load_identity(broker.secrets, "notify"), broker.url,
                            register=False, settings={
                                **ntfy_settings(ntfy, token_file),
