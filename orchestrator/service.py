@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
+import nats.js.errors
 import structlog
 from pydantic import BaseModel, ValidationError
 
@@ -126,8 +128,6 @@ class Orchestrator:
             raise Refusal("not_operator", f"only the operator may use {msg.subject}")
 
     async def _load_registrations(self) -> None:
-        import nats.js.errors
-
         try:
             keys = await self.workflows_kv.keys()
         except nats.js.errors.NoKeysError:
@@ -264,8 +264,6 @@ class Orchestrator:
                 log.warning("orchestrator.sweep_failed", error=type(exc).__name__)
 
     async def run(self) -> None:
-        import signal
-
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import socket
 import time
 import uuid
@@ -277,8 +278,6 @@ class AgentService:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain."""
-        import signal
-
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
