@@ -6,11 +6,19 @@ is recorded before the command goes out; after a restart a step found "running" 
 sent again with the same jti, and an agent that already ran it refuses the repeat
 (``token_replayed``), so its side effect happens at most once. Sensitive steps wait
 for a signed human approval; the token is then bound to the approved arguments.
+
+A planner that reads agent output (an LLM, ``Planner.follows_up``) is asked again when a
+round of steps has finished, with each step's output as untrusted data; what it
+proposes is validated like a first plan and appended as the next round (step ids
+``r2-s1`` ...), until it proposes nothing or ``MAX_ROUNDS`` / ``MAX_STEPS`` is reached.
+Whatever the output said, the new steps pass the same catalog checks and a sensitive
+one still waits for a human.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,7 +29,16 @@ from nats.js.kv import KeyValue
 
 from orchestrator.approvals import ApprovalError, ApprovalStore
 from orchestrator.dispatch import AgentCaller
-from orchestrator.plan import Catalog, Plan, PlanRejected, Step, validate_plan
+from orchestrator.plan import (
+    MAX_STEPS,
+    Catalog,
+    NothingToDo,
+    Plan,
+    Planner,
+    PlanRejected,
+    Step,
+    validate_plan,
+)
 from orchestrator.workflows import StepState, Workflow
 from protocol.actions import Completed, Refused
 from protocol.explain import Explanation
@@ -29,13 +46,16 @@ from protocol.explain import Explanation
 log = structlog.get_logger("mas.orchestrator")
 PREFIX = "wf."
 STEP_TIMEOUT_S = 30.0
+MAX_ROUNDS = 4
 Audit = Callable[..., Awaitable[None]]
 
 
 class Engine:
     def __init__(self, kv: KeyValue, caller: AgentCaller, approvals: ApprovalStore,
-                 catalog: Callable[[], Catalog], audit: Audit) -> None:
+                 catalog: Callable[[], Catalog], audit: Audit, *,
+                 planner: Planner | None = None) -> None:
         self.kv = kv
+        self.planner = planner
         self.caller = caller
         self.approvals = approvals
         self.catalog = catalog
@@ -99,26 +119,85 @@ class Engine:
             wf = await self.load(workflow_id)
             if wf is None or wf.plan is None:
                 raise KeyError(workflow_id)
-            first = True
-            while not wf.finished:
-                # steps already waiting for a human are looked at once per advance
-                ready = [s for s in wf.plan.steps if self._ready(wf, s, waiting=first)]
-                first = False
-                if not ready:
+            while True:
+                await self._run_ready(wf)
+                self._settle(wf)
+                if wf.status != "completed" or not await self._follow_up(wf):
                     break
-                before = {sid: st.status for sid, st in wf.steps.items()}
-                await asyncio.gather(*(self._run_step(wf, s) for s in ready))
-                await self.save(wf)
-                if before == {sid: st.status for sid, st in wf.steps.items()}:
-                    break
-            self._settle(wf)
             await self.save(wf)
             if wf.finished:
                 await self.audit("workflow", "orchestrator", "finish",
                                  "ok" if wf.status == "completed" else "error",
                                  workflow_id=wf.id, trace_id=wf.trace_id,
-                                 detail={"status": wf.status})
+                                 detail={"status": wf.status, "rounds": wf.round})
             return wf
+
+    async def _run_ready(self, wf: Workflow) -> None:
+        assert wf.plan is not None
+        first = True
+        while not wf.finished:
+            # steps already waiting for a human are looked at once per advance
+            ready = [s for s in wf.plan.steps if self._ready(wf, s, waiting=first)]
+            first = False
+            if not ready:
+                break
+            before = {sid: st.status for sid, st in wf.steps.items()}
+            await asyncio.gather(*(self._run_step(wf, s) for s in ready))
+            await self.save(wf)
+            if before == {sid: st.status for sid, st in wf.steps.items()}:
+                break
+
+    async def _follow_up(self, wf: Workflow) -> bool:
+        """Ask the planner that made ``wf`` what to do next, given the steps' output.
+        True when a new round of steps was added."""
+        planner = self.planner
+        if planner is None or not planner.follows_up or wf.planner != planner.name \
+                or wf.round >= MAX_ROUNDS or wf.plan is None:
+            return False
+        reports = [self._report(wf, step) for step in wf.plan.steps]
+        catalog = self.catalog()
+        try:
+            plan = await planner.plan(wf.request, catalog, untrusted=reports)
+            steps = validate_plan(plan, catalog)
+            merged = self._merged(wf.plan, steps, wf.round + 1)
+        except NothingToDo:
+            return False
+        except PlanRejected as exc:
+            wf.status = "failed"
+            wf.reason = f"round {wf.round + 1} plan rejected: {exc.reason}"[:500]
+            await self.audit("workflow", "orchestrator", "plan", "refused", code=exc.code,
+                             workflow_id=wf.id, trace_id=wf.trace_id,
+                             detail={"round": wf.round + 1, "reason": exc.reason})
+            return False
+        wf.round += 1
+        wf.plan = merged
+        for step in merged.steps[len(merged.steps) - len(steps):]:
+            info = catalog.get(step.agent, step.action)
+            wf.steps[step.id] = StepState(sensitive=bool(info and info.sensitive))
+        wf.status = "running"
+        await self.save(wf)
+        await self.audit("workflow", "orchestrator", "plan", "ok", workflow_id=wf.id,
+                         trace_id=wf.trace_id, detail={"round": wf.round, "steps": len(steps),
+                                                       "planner": plan.planner})
+        return True
+
+    @staticmethod
+    def _report(wf: Workflow, step: Step) -> str:
+        """What the planner may read about one step: written by an agent, so untrusted."""
+        state = wf.steps[step.id]
+        return json.dumps({"step": step.id, "agent": step.agent, "action": step.action,
+                           "status": state.status, "output": state.output,
+                           "reason": state.reason}, sort_keys=True, ensure_ascii=False)
+
+    @staticmethod
+    def _merged(plan: Plan, steps: list[Step], round_no: int) -> Plan:
+        if len(plan.steps) + len(steps) > MAX_STEPS:
+            raise PlanRejected(f"the workflow would have more than {MAX_STEPS} steps")
+        prefix = f"r{round_no}-"
+        renamed = [step.model_copy(update={"id": prefix + step.id,
+                                           "after": [prefix + a for a in step.after]})
+                   for step in steps]
+        return plan.model_copy(update={"steps": [*plan.steps, *renamed]})
 
     @staticmethod
     def _ready(wf: Workflow, step: Step, *, waiting: bool) -> bool:

@@ -79,13 +79,37 @@ class Catalog:
 class PlanRejected(ValueError):
     """The plan must not run; ``reason`` says why (it is audited and shown)."""
 
+    code = "plan_rejected"
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
+class NothingToDo(PlanRejected):
+    """The planner proposed no action. For a first plan that is a rejection like any
+    other; asked again after earlier steps ran, it means the workflow is finished."""
+
+    code = "nothing_to_do"
+
+
+class PlannerUnavailable(PlanRejected):
+    """The model could not be asked (key refused, rate limit, network, bad answer).
+
+    A ``PlanRejected``, so whoever handles rejections audits this too and nothing runs;
+    a separate class (and code) so a caller can tell "try again later" from "this plan
+    is bad".
+    """
+
+    code = "planner_unavailable"
+
+
 class Planner(Protocol):
     name: str
+    # True when the planner reads ``untrusted``: the engine then shows it the output of
+    # each finished round of steps and runs what it proposes next, until it proposes
+    # nothing (``NothingToDo``) or a bound is reached.
+    follows_up: bool
 
     async def plan(self, request: str, catalog: Catalog, *,
                    untrusted: Sequence[str] = ()) -> Plan:

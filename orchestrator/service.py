@@ -29,7 +29,10 @@ from orchestrator.dispatch import AgentCaller
 from orchestrator.engine import Engine
 from orchestrator.errors import Refusal
 from orchestrator.plan import Plan, Planner, PlanRejected, Step
+from orchestrator.planners.offline import OfflinePlanner
+from orchestrator.planners.workflow_files import Workflow as WorkflowFile
 from orchestrator.registry import Registry
+from orchestrator.triggers import EVENTS, Library, Triggers
 from orchestrator.workflows import Workflow
 from protocol import admin
 from protocol.approvals import AdminError, ApprovalList, ApprovalQuery
@@ -50,11 +53,15 @@ class WorkflowList(BaseModel):
 
 class Orchestrator:
     def __init__(self, policy: Policy, material: IdentityMaterial, url: str, *,
-                 planner: Planner | None = None, approval_ttl_s: int = 15 * 60) -> None:
+                 planner: Planner | None = None, approval_ttl_s: int = 15 * 60,
+                 library: Library | None = None) -> None:
         self.policy = policy
         self.material = material
         self.url = url
         self.planner = planner
+        # the workflow files whose event and schedule triggers start workflows by themselves
+        self.library = library if library is not None else (
+            planner if isinstance(planner, OfflinePlanner) else None)
         self.approval_ttl_s = approval_ttl_s
         self.registry = Registry(policy)
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,7 +78,7 @@ class Orchestrator:
         self.issuer = TokenIssuer("orchestrator", self.material.signing_key)
         self.caller = AgentCaller(client, self.issuer)
         self.engine = Engine(workflows_kv, self.caller, self.approvals, self.registry.catalog,
-                             self.audit_log.record)
+                             self.audit_log.record, planner=self.planner)
         self.workflows_kv = workflows_kv
         await self._load_registrations()
         endpoints: dict[str, Callable[[SignedMessage], Awaitable[BaseModel]]] = {
@@ -85,6 +92,10 @@ class Orchestrator:
         }
         for subject, handler in endpoints.items():
             await client.subscribe(subject, self._endpoint(subject, handler), queue="orchestrator")
+        if self.library is not None:
+            self.triggers = Triggers(self.library, self._launch, self.engine.load)
+            await client.subscribe(EVENTS, self._on_event, queue="orchestrator")
+            self._tasks.append(asyncio.create_task(self.triggers.run_schedule()))
         await client.sync()
         resumed = await self.engine.resume_all()
         self._tasks.append(asyncio.create_task(self._sweep_loop()))
@@ -227,11 +238,11 @@ class Orchestrator:
             raise Refusal("no_planner", "no planner is configured")
         try:
             plan = await self.planner.plan(request.request, self.registry.catalog())
-        except PlanRejected as exc:
+        except PlanRejected as exc:  # PlannerUnavailable included, with its own code
             await self.audit_log.record("workflow", msg.sender, "plan", "refused",
-                                        code="plan_rejected", trace_id=msg.trace_id,
+                                        code=exc.code, trace_id=msg.trace_id,
                                         detail={"reason": exc.reason})
-            raise Refusal("plan_rejected", exc.reason) from exc
+            raise Refusal(exc.code, exc.reason) from exc
         wf = await self.engine.submit(request.request, plan, trace_id=msg.trace_id)
         if wf.status != "rejected":
             task = self.engine.start(wf.id)
@@ -249,6 +260,22 @@ class Orchestrator:
                 raise Refusal("unknown_workflow", f"no workflow {query.id}")
             return WorkflowList(workflows=[wf])
         return WorkflowList(workflows=(await self.engine.all())[-50:])
+
+    async def _launch(self, file: WorkflowFile, cause: str, trace_id: str | None) -> Workflow:
+        wf = await self.engine.submit(f"{cause}: {file.name}", file.plan(), trace_id=trace_id)
+        await self.audit_log.record("workflow", "orchestrator", "trigger",
+                                    "refused" if wf.status == "rejected" else "ok",
+                                    workflow_id=wf.id, trace_id=trace_id,
+                                    detail={"workflow": file.name, "cause": cause})
+        if wf.status != "rejected":
+            self.engine.start(wf.id)
+        return wf
+
+    async def _on_event(self, msg: SignedMessage) -> None:
+        try:
+            await self.triggers.on_event(msg)
+        except Exception:
+            log.exception("orchestrator.trigger_failed", subject=msg.subject)
 
     async def _sweep_loop(self) -> None:
         while True:

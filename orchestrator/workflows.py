@@ -33,6 +33,7 @@ class Workflow(BaseModel):
     request: Annotated[str, Field(max_length=2000)]
     planner: str = ""
     plan: Plan | None = None
+    round: int = 1  # rounds of steps so far; a planner that follows up adds one per answer
     status: WorkflowStatus = "running"
     steps: dict[str, StepState] = Field(default_factory=dict)
     reason: Annotated[str, Field(max_length=500)] = ""

@@ -26,8 +26,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from orchestrator.plan import Planner
-from orchestrator.planners.calls import PlannerUnavailable
+from orchestrator.plan import Planner, PlannerUnavailable
 from orchestrator.planners.offline import OfflinePlanner
 from orchestrator.planners.workflow_files import Workflow, WorkflowError
 

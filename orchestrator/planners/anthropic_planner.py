@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import anthropic
 from anthropic.types import ToolParam
 
-from orchestrator.plan import Catalog, Plan, PlanRejected
+from orchestrator.plan import Catalog, Plan, PlannerUnavailable, PlanRejected
 from orchestrator.planners.calls import (
-    PlannerUnavailable,
     ToolCall,
     api_failure,
     one_line,
@@ -31,6 +30,7 @@ _FINISHED = {"tool_use", "end_turn", "stop_sequence"}
 
 class AnthropicPlanner:
     name = "anthropic"
+    follows_up = True
 
     def __init__(self, client: anthropic.AsyncAnthropic, model: str, *,
                  max_tokens: int = 2048) -> None:

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 
 from pydantic import JsonValue, ValidationError
 
-from orchestrator.plan import MAX_STEPS, Catalog, Plan, PlanRejected, Step
+from orchestrator.plan import (
+    MAX_STEPS,
+    Catalog,
+    NothingToDo,
+    Plan,
+    PlannerUnavailable,
+    PlanRejected,
+    Step,
+)
 from protocol.explain import Explanation
 
 UNKNOWN_AGENT = "unknown"
@@ -28,14 +36,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Anything that looks like a credential in a provider's error text (OpenAI echoes a
 # masked key on 401); error reasons are audited and shown, so they must not carry one.
 _SECRETISH = re.compile(r"(sk-[A-Za-z0-9_\-*.]{2,}|[A-Za-z0-9_\-*]{32,})")
-
-
-class PlannerUnavailable(PlanRejected):
-    """The model could not be asked (key refused, rate limit, network, bad answer).
-
-    A ``PlanRejected``, so whoever handles rejections audits this too and nothing runs;
-    a separate class so a caller can tell "try again later" from "this plan is bad".
-    """
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def plan_from_calls(calls: Sequence[ToolCall], catalog: Catalog, *, planner: str
     summary = one_line(text, 500)
     if not calls:
         why = f": {one_line(text)}" if text.strip() else ""
-        raise PlanRejected(f"{planner}: the model proposed no action{why}")
+        raise NothingToDo(f"{planner}: the model proposed no action{why}")
     if len(calls) > MAX_STEPS:
         raise PlanRejected(f"{planner}: the model proposed {len(calls)} steps; a plan has at "
                            f"most {MAX_STEPS}")

@@ -48,6 +48,7 @@ def score(workflow: Workflow, request_words: tuple[str, ...]) -> tuple[int, int]
 
 class OfflinePlanner:
     name = "offline"
+    follows_up = False  # it never reads agent output
 
     def __init__(self, workflows_dir: Path) -> None:
         self.workflows_dir = workflows_dir

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 import openai
 from openai.types.chat import ChatCompletionFunctionToolParam
 
-from orchestrator.plan import Catalog, Plan, PlanRejected
+from orchestrator.plan import Catalog, Plan, PlannerUnavailable, PlanRejected
 from orchestrator.planners.calls import (
-    PlannerUnavailable,
     ToolCall,
     api_failure,
     one_line,
@@ -57,6 +56,7 @@ def decode_arguments(index: int, name: str, raw: str) -> object:
 
 class OpenAIPlanner:
     name = "openai"
+    follows_up = True
 
     def __init__(self, client: openai.AsyncOpenAI, model: str, *,
                  max_tokens: int = 2048) -> None:
