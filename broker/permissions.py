@@ -133,7 +133,7 @@ def service_permissions(name: str) -> Permissions:
         )
     if name == "operator":
         buckets = subj.ORCHESTRATOR_BUCKETS
-        publish = ["mas.admin.>", *_stream_read(subj.AUDIT_STREAM)]
+        publish = ["mas.admin.>", "mas.control.>", *_stream_read(subj.AUDIT_STREAM)]
         for bucket in buckets:
             publish += _kv_read(bucket)
         return Permissions(
