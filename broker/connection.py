@@ -1,7 +1,8 @@
 """Connect to the broker as one identity and exchange signed messages.
 
 Every outgoing message gets an envelope (``security.envelope``) and a ``traceparent``;
-every incoming one is verified before a handler sees it. Permission violations, which
+every incoming one is verified before a handler sees it. Sends and handled messages are
+OpenTelemetry spans (``broker.tracing``). Permission violations, which
 nats-server reports asynchronously without closing the connection, become structured
 log events and are kept (bounded) on ``BrokerClient.violations``.
 """
@@ -24,7 +25,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from broker import subjects as subj
-from broker import tracecontext
+from broker import tracecontext, tracing
 from broker.errors import BrokerError
 from broker.secrets import IdentityMaterial
 from security.envelope import H_NONCE, EnvelopeSigner, EnvelopeVerifier, NonceCache
@@ -119,15 +120,21 @@ class BrokerClient:
 
     async def publish(self, subject: str, payload: Payload, *, token: str | None = None) -> None:
         data = _bytes(payload)
-        await self.nc.publish(subject, data, headers=self._headers(subject, data, token))
+        with tracing.producer(self.identity, subject, data):
+            await self.nc.publish(subject, data, headers=self._headers(subject, data, token))
 
     async def request(
         self, subject: str, payload: Payload, *, token: str | None = None, timeout: float = 2.0
     ) -> SignedMessage:
         data = _bytes(payload)
-        headers = self._headers(subject, data, token)
-        reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
-        return self.open(reply, sealed_for=reply_binding(headers[H_NONCE]))
+        with tracing.producer(self.identity, subject, data, operation="request"):
+            headers = self._headers(subject, data, token)
+            reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
+            with tracing.consumer(self.identity, reply.subject, reply.data, reply.headers,
+                                  operation="receive") as span:
+                signed = self.open(reply, sealed_for=reply_binding(headers[H_NONCE]))
+                tracing.set_sender(span, signed.sender)
+        return signed
 
     async def respond(self, request: SignedMessage, payload: Payload) -> None:
         """Reply to a verified request. Only the requester's own inbox (or a response
@@ -141,8 +148,9 @@ class BrokerClient:
                         reply=reply)
             raise BrokerError(f"reply subject {reply!r} is not {request.sender}'s inbox")
         data = _bytes(payload)
-        headers = self._headers(reply_binding(request.nonce), data, None)
-        await self.nc.publish(reply, data, headers=headers)
+        with tracing.producer(self.identity, reply, data, temporary=True):
+            headers = self._headers(reply_binding(request.nonce), data, None)
+            await self.nc.publish(reply, data, headers=headers)
 
     async def answer_unverified(self, msg: Msg, payload: Payload,
                                 commander: str = "orchestrator") -> None:
@@ -156,7 +164,8 @@ class BrokerClient:
                 (f"{subj.inbox_prefix(commander)}.", RESPONSE_PREFIX)):
             return
         data = _bytes(payload)
-        with contextlib.suppress(nats.errors.Error):
+        with contextlib.suppress(nats.errors.Error), \
+                tracing.producer(self.identity, reply, data, temporary=True):
             await self.nc.publish(reply, data,
                                   headers=self._headers(reply_binding(nonce), data, None))
 
@@ -165,21 +174,25 @@ class BrokerClient:
         on_refused: RefusalHandler | None = None,
     ) -> Subscription:
         async def deliver(msg: Msg) -> None:
-            if not subj.within(msg.subject, subject):
-                # JetStream push delivery keeps the stored subject: an agent's own stream
-                # could otherwise hand us validly signed messages under any subject name.
-                log.warning("broker.subject_mismatch", identity=self.identity,
-                            subscribed=subject, subject=msg.subject)
-                return
-            try:
-                signed = self.open(msg)
-            except EnvelopeError as exc:
-                log.warning("broker.envelope_refused", identity=self.identity,
-                            subject=msg.subject, code=exc.code, reason=str(exc))
-                if on_refused is not None:
-                    await on_refused(msg, exc)
-                return
-            await handler(signed)
+            with tracing.consumer(self.identity, msg.subject, msg.data, msg.headers) as span:
+                if not subj.within(msg.subject, subject):
+                    # JetStream push delivery keeps the stored subject: an agent's own stream
+                    # could otherwise hand us validly signed messages under any subject name.
+                    log.warning("broker.subject_mismatch", identity=self.identity,
+                                subscribed=subject, subject=msg.subject)
+                    tracing.refused(span, "subject_mismatch")
+                    return
+                try:
+                    signed = self.open(msg)
+                except EnvelopeError as exc:
+                    log.warning("broker.envelope_refused", identity=self.identity,
+                                subject=msg.subject, code=exc.code, reason=str(exc))
+                    tracing.refused(span, exc.code)
+                    if on_refused is not None:
+                        await on_refused(msg, exc)
+                    return
+                tracing.set_sender(span, signed.sender)
+                await handler(signed)
 
         return await self.nc.subscribe(subject, queue=queue, cb=deliver)
 
@@ -205,6 +218,7 @@ async def connect(
     nonces: NonceCache | None = None,
 ) -> BrokerClient:
     """Connect as ``material.identity`` with its nkey, client certificate and inbox prefix."""
+    tracing.setup(material.identity)
     verifier = EnvelopeVerifier(material.trust.sender_rings(), nonces=nonces)
     holder: list[BrokerClient] = []
     server_said: list[str] = []  # the server's own refusal beats the socket errors after it

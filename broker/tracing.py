@@ -1,0 +1,175 @@
+"""OpenTelemetry for NATS: there is no ready-made instrumentation for nats-py, so this is it.
+
+Every publish and request is a PRODUCER span, every handled message a CONSUMER span and
+every reply a request waited for a CONSUMER "receive" span, with the messaging semantic
+conventions' attributes. W3C ``traceparent``/``tracestate`` travel in NATS headers
+through the global propagator, so a workflow is one trace from the planner through
+every agent and back. The consumer side always makes the sender's context current, so
+trace ids keep flowing even when no spans are exported (the no-op tracer passes the
+remote context through).
+
+Export is off unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its ``_TRACES_`` variant) is
+set: then spans go over OTLP/HTTP to that endpoint, configured by the standard
+``OTEL_*`` variables (``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_HEADERS``, ...).
+``OTEL_TRACES_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turn it off again, and
+``OTEL_TRACES_EXPORTER=console`` prints spans instead. Nothing is sent anywhere by
+default.
+
+Redaction: attributes carry subjects, identities and sizes, never bodies, tokens or
+signatures. An operator who needs bodies for one identity while debugging lists it in
+``MAS_TRACE_BODIES`` (comma-separated identities); bodies then appear, truncated, as
+``mas.message.body`` on that identity's spans only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+
+TRACER_NAME = "mas.broker"
+BODIES_ENV = "MAS_TRACE_BODIES"
+BODY_LIMIT = 1024
+SYSTEM = "nats"
+# messaging semantic conventions (opentelemetry-semantic-conventions, incubating)
+A_SYSTEM = "messaging.system"
+A_DESTINATION = "messaging.destination.name"
+A_TEMPORARY = "messaging.destination.temporary"
+A_OPERATION_TYPE = "messaging.operation.type"
+A_OPERATION_NAME = "messaging.operation.name"
+A_CLIENT_ID = "messaging.client.id"
+A_BODY_SIZE = "messaging.message.body.size"
+A_SENDER = "mas.sender"
+A_BODY = "mas.message.body"
+A_REFUSAL = "mas.refusal.code"
+
+_configured = False
+
+
+def bodies_allowed(identity: str) -> bool:
+    """True only when the operator listed ``identity`` in ``MAS_TRACE_BODIES``."""
+    listed = {n.strip() for n in os.environ.get(BODIES_ENV, "").split(",") if n.strip()}
+    return identity in listed
+
+
+def export_wanted(env: Mapping[str, str] | None = None) -> str | None:
+    """Which exporter the ``OTEL_*`` variables ask for: "otlp", "console" or None (off)."""
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    chosen = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if chosen == "none":
+        return None
+    if chosen == "console":
+        return "console"
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT")
+    return "otlp" if endpoint else None
+
+
+def setup(identity: str) -> bool:
+    """Install an SDK tracer provider for this process if the environment asks for export
+    and no provider was installed yet (a test's in-memory one wins). True if installed."""
+    global _configured
+    if _configured:
+        return False
+    _configured = True
+    wanted = export_wanted()
+    if wanted is None:
+        return False
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return False
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
+    exporter: SpanExporter
+    if wanted == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    resource = Resource.create({SERVICE_NAME: f"mas-{identity}"})  # OTEL_SERVICE_NAME wins
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def _attributes(identity: str, subject: str, operation_type: str, operation_name: str,
+                data: bytes, *, temporary: bool = False) -> dict[str, str | int | bool]:
+    attrs: dict[str, str | int | bool] = {
+        A_SYSTEM: SYSTEM, A_DESTINATION: subject, A_OPERATION_TYPE: operation_type,
+        A_OPERATION_NAME: operation_name, A_CLIENT_ID: identity, A_BODY_SIZE: len(data),
+    }
+    if temporary:
+        attrs[A_TEMPORARY] = True
+    if bodies_allowed(identity):
+        attrs[A_BODY] = data[:BODY_LIMIT].decode("utf-8", "replace")
+    return attrs
+
+
+@contextmanager
+def producer(identity: str, subject: str, data: bytes, *, operation: str = "publish",
+             temporary: bool = False) -> Iterator[Span]:
+    """A PRODUCER span around sending one message; headers injected inside it carry it.
+    ``operation``: "publish" or "request" (both of type "send" in the conventions)."""
+    name = f"{operation} {'(reply)' if temporary else subject}"
+    with _tracer().start_as_current_span(
+            name, kind=SpanKind.PRODUCER, record_exception=False,
+            attributes=_attributes(identity, subject, "send", operation, data,
+                                   temporary=temporary)) as span:
+        yield span
+
+
+@contextmanager
+def consumer(identity: str, subject: str, data: bytes, headers: Mapping[str, str] | None, *,
+             operation: str = "process") -> Iterator[Span]:
+    """A CONSUMER span for one received message, child of the sender's context.
+
+    "process": a handled message (the sender's context becomes current for the handler,
+    so whatever it sends continues the trace). "receive": a reply a request waited for;
+    it stays a child of the request span and links to the responder's context.
+    """
+    remote = propagate.extract(dict(headers or {}))
+    parent = None if operation == "receive" else remote
+    links = []
+    if operation == "receive":
+        ctx = trace.get_current_span(remote).get_span_context()
+        if ctx.is_valid:
+            links.append(Link(ctx))
+    with _tracer().start_as_current_span(
+            f"{operation} {subject if operation == 'process' else '(reply)'}", context=parent,
+            kind=SpanKind.CONSUMER, links=links, record_exception=False,
+            attributes=_attributes(identity, subject, operation, operation, data,
+                                   temporary=operation == "receive")) as span:
+        yield span
+
+
+def refused(span: Span, code: str) -> None:
+    """Mark a span whose message was refused (bad envelope, wrong subject)."""
+    span.set_attribute(A_REFUSAL, code)
+    span.set_status(Status(StatusCode.ERROR, code))
+
+
+def set_sender(span: Span, sender: str) -> None:
+    span.set_attribute(A_SENDER, sender)
+
+
+def current_ids() -> tuple[str | None, str | None]:
+    """(trace id, span id) of the current span as hex, or (None, None) outside one."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return None, None
+    return trace.format_trace_id(ctx.trace_id), trace.format_span_id(ctx.span_id)
