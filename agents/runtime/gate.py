@@ -23,10 +23,11 @@ MAX_ARGS_BYTES = 256 * 1024
 
 
 class Refusal(Exception):
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, *, jti: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.jti = jti  # the token a replay refusal is about
 
 
 def parse_args(data: bytes) -> dict[str, Any]:
@@ -69,5 +70,6 @@ class CommandGate:
             raise Refusal("approval_required",
                           f"{action} is sensitive: it needs a single-use approved token")
         if claims.single_use and not await self.ledger.consume(claims.jti, claims.exp):
-            raise Refusal("token_replayed", f"single-use token {claims.jti} was used before")
+            raise Refusal("token_replayed", f"single-use token {claims.jti} was used before",
+                          jti=claims.jti)
         return claims
