@@ -31,7 +31,7 @@ from orchestrator.planners.offline import OfflinePlanner
 from orchestrator.planners.workflow_files import Workflow, WorkflowError
 
 __all__ = ["OfflinePlanner", "PlannerConfigError", "PlannerSettings", "PlannerUnavailable",
-           "Workflow", "WorkflowError", "load_settings", "make_planner"]
+           "Workflow", "WorkflowError", "load_settings", "make_library", "make_planner"]
 
 DEFAULT_ANTHROPIC_MODEL = "claude-sonnet-4-5"
 DEFAULT_OPENAI_MODEL = "gpt-4.1"
@@ -125,5 +125,11 @@ def make_planner(settings: PlannerSettings, project_root: Path) -> Planner:
             openai.AsyncOpenAI(api_key=key, base_url=settings.openai_base_url,
                                timeout=LLM_TIMEOUT_S, max_retries=LLM_RETRIES),
             settings.openai_model)
+    return make_library(settings, project_root)
+
+
+def make_library(settings: PlannerSettings, project_root: Path) -> OfflinePlanner:
+    """The repository's workflow files: the offline planner, and the event and schedule
+    triggers whichever planner is chosen. ``WorkflowError`` if a file is bad."""
     directory = settings.workflows_dir or Path("workflows")
     return OfflinePlanner(directory if directory.is_absolute() else project_root / directory)
