@@ -6,6 +6,12 @@ carry ``Nats-Expected-Last-Sequence``, so a second writer cannot fork the chain;
 stream denies delete and purge and discards new records (never old ones) when full.
 Records are also published in a signed envelope, so subscribers (the anomaly agent)
 can authenticate them live.
+
+Every ``CHECKPOINT_EVERY`` records, every ``CHECKPOINT_INTERVAL_S`` seconds with new
+records, at start and at close, the writer signs a checkpoint (``orchestrator.checkpoint``)
+and appends it as a ``checkpoint`` record and to a file outside the stream. Each record
+carries the trace and span ids of the span it was written in, and the append itself is a
+producer span of that trace.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from broker import subjects as subj
+from broker import tracing
 from broker.connection import BrokerClient
+from orchestrator import checkpoint as cp
 from protocol.audit import AuditKind, AuditRecord, Outcome
 from security.encoding import b64url_encode, canonical_json
 from security.keys import SigningKey
@@ -28,6 +37,8 @@ log = structlog.get_logger("mas.audit")
 GENESIS = "0" * 64
 MAX_BYTES = 256 * 1024 * 1024
 DOMAIN = b"mas-audit-record/1\n"
+CHECKPOINT_EVERY = 100
+CHECKPOINT_INTERVAL_S = 60.0
 
 
 def record_hash(record: AuditRecord) -> str:
@@ -46,13 +57,21 @@ def stream_config() -> StreamConfig:
 
 
 class AuditLog:
-    def __init__(self, client: BrokerClient, key: SigningKey) -> None:
+    def __init__(self, client: BrokerClient, key: SigningKey, *,
+                 checkpoint_file: Path | None = None,
+                 checkpoint_every: int = CHECKPOINT_EVERY,
+                 checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
         self.client = client
         self.key = key
         self.js = client.nc.jetstream(timeout=5)
         self.last_seq = 0
         self.head = GENESIS
+        self.checkpoint_file = checkpoint_file
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._since_checkpoint = 0
         self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
 
     async def open(self) -> AuditLog:
         await self.js.add_stream(stream_config())
@@ -60,27 +79,78 @@ class AuditLog:
         self.last_seq = int(info.state.last_seq or 0)
         if self.last_seq:
             raw = await self.js.get_msg(subj.AUDIT_STREAM, seq=self.last_seq)
-            self.head = record_hash(AuditRecord.model_validate_json(raw.data or b""))
+            last = AuditRecord.model_validate_json(raw.data or b"")
+            self.head = record_hash(last)
+            if last.kind != "checkpoint":  # what the last run wrote after its final checkpoint
+                self._since_checkpoint = 1
+                await self.checkpoint()
+        self._timer = asyncio.create_task(self._checkpoint_timer())
         return self
+
+    async def close(self) -> None:
+        """Stop the timer and checkpoint whatever came after the last checkpoint."""
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+            self._timer = None
+        if self._since_checkpoint and not self.client.nc.is_closed:
+            await self.checkpoint()
 
     async def record(self, kind: AuditKind, identity: str, action: str, outcome: Outcome, *,
                      code: str = "", trace_id: str | None = None, workflow_id: str | None = None,
                      payload: bytes | None = None, detail: dict[str, Any] | None = None) -> None:
+        current_trace, current_span = tracing.current_ids()
+        trace_id = trace_id or current_trace
+        span_id = current_span if trace_id == current_trace else None
         async with self._lock:
-            unsigned = AuditRecord(
-                seq=self.last_seq + 1, ts=time.time(), kind=kind, identity=identity,
-                action=action, outcome=outcome, code=code, trace_id=trace_id,
-                workflow_id=workflow_id, detail=detail or {}, prev_hash=self.head,
-                payload_sha256=hashlib.sha256(payload).hexdigest() if payload else None,
-                kid=self.key.kid)
-            record = unsigned.model_copy(
-                update={"sig": b64url_encode(self.key.sign(signing_bytes(unsigned)))})
-            data = canonical_json(record.model_dump(mode="json"))
-            subject = f"mas.audit.{kind}"
+            record = await self._append(
+                kind=kind, identity=identity, action=action, outcome=outcome, code=code,
+                trace_id=trace_id, span_id=span_id, workflow_id=workflow_id, detail=detail or {},
+                payload_sha256=hashlib.sha256(payload).hexdigest() if payload else None)
+            if self._since_checkpoint >= self.checkpoint_every:
+                await self._checkpoint_locked()
+        log.info("audit.record", seq=record.seq, kind=kind, identity=identity, action=action,
+                 outcome=outcome, code=code or None, trace_id=trace_id, workflow_id=workflow_id)
+
+    async def checkpoint(self) -> cp.Checkpoint | None:
+        """Sign the current head now (None if nothing was appended since the last one)."""
+        async with self._lock:
+            return await self._checkpoint_locked()
+
+    async def _checkpoint_locked(self) -> cp.Checkpoint | None:
+        if not self._since_checkpoint:
+            return None
+        checkpoint = cp.Checkpoint(size=self.last_seq, head=self.head, ts=int(time.time()))
+        note = cp.sign_note(checkpoint, self.key)
+        await self._append(kind="checkpoint", identity=self.client.identity, action="checkpoint",
+                           outcome="info", detail={"note": note, "size": checkpoint.size})
+        self._since_checkpoint = 0
+        if self.checkpoint_file is not None:
+            await asyncio.to_thread(cp.append_note, self.checkpoint_file, note)
+        log.info("audit.checkpoint", size=checkpoint.size, head=checkpoint.head)
+        return checkpoint
+
+    async def _append(self, **fields: Any) -> AuditRecord:
+        unsigned = AuditRecord(seq=self.last_seq + 1, ts=time.time(), prev_hash=self.head,
+                               kid=self.key.kid, **fields)
+        record = unsigned.model_copy(
+            update={"sig": b64url_encode(self.key.sign(signing_bytes(unsigned)))})
+        data = canonical_json(record.model_dump(mode="json"))
+        subject = f"mas.audit.{record.kind}"
+        with tracing.producer(self.client.identity, subject, data):
             headers = self.client.sealed_headers(subject, data)
             headers["Nats-Expected-Last-Sequence"] = str(self.last_seq)
             ack = await self.js.publish(subject, data, headers=headers)
-            self.last_seq = ack.seq
-            self.head = record_hash(record)
-        log.info("audit.record", seq=record.seq, kind=kind, identity=identity, action=action,
-                 outcome=outcome, code=code or None, trace_id=trace_id, workflow_id=workflow_id)
+        self.last_seq = ack.seq
+        self.head = hashlib.sha256(data).hexdigest()
+        if record.kind != "checkpoint":
+            self._since_checkpoint += 1
+        return record
+
+    async def _checkpoint_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_interval_s)
+            try:
+                await self.checkpoint()
+            except Exception as exc:
+                log.warning("audit.checkpoint_failed", error=type(exc).__name__)

@@ -23,6 +23,7 @@ from broker.connection import SignedMessage, connect
 from broker.policy import Policy
 from broker.revocations import RevocationAuthority
 from broker.secrets import IdentityMaterial
+from orchestrator import checkpoint
 from orchestrator.approvals import ApprovalError, ApprovalStore
 from orchestrator.audit import AuditLog
 from orchestrator.dispatch import AgentCaller
@@ -33,6 +34,7 @@ from orchestrator.planners.offline import OfflinePlanner
 from orchestrator.planners.workflow_files import Workflow as WorkflowFile
 from orchestrator.registry import Registry
 from orchestrator.triggers import EVENTS, Library, Triggers
+from orchestrator.violations import BrokerLogWatcher
 from orchestrator.workflows import Workflow
 from protocol import admin
 from protocol.approvals import AdminError, ApprovalList, ApprovalQuery
@@ -69,7 +71,9 @@ class Orchestrator:
     async def start(self) -> None:
         self.client = client = await connect(self.material, self.url, name="orchestrator")
         js = client.nc.jetstream(timeout=5)
-        self.audit_log = await AuditLog(client, self.material.signing_key).open()
+        self.audit_log = await AuditLog(client, self.material.signing_key,
+                                        checkpoint_file=checkpoint.default_file()).open()
+        self.broker_log = await BrokerLogWatcher.start(self.audit_log, self.material)
         self.revocations = await RevocationAuthority.start(client)
         approvals_kv = await js.create_key_value(bucket=subj.APPROVALS_BUCKET, history=5)
         workflows_kv = await js.create_key_value(bucket=subj.WORKFLOWS_BUCKET, history=5)
@@ -107,6 +111,9 @@ class Orchestrator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.broker_log is not None:
+            await self.broker_log.stop()
+        await self.audit_log.close()
         await self.client.close()
 
     def _endpoint(self, subject: str,

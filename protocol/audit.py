@@ -4,7 +4,8 @@ stream on ``mas.audit.<kind>`` (read-only for agents granted ``read_streams: [au
 Records are canonical JSON, chained by ``prev_hash`` and signed by the orchestrator
 (``sig`` over the record without ``sig``). ``identity`` is who acted (an agent, the
 orchestrator, the operator, or for broker-reported events the identity the server
-named); ``outcome`` is what happened to the attempt.
+named); ``outcome`` is what happened to the attempt. ``trace_id``/``span_id`` tie the
+record to the OpenTelemetry span it was written in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ AuditKind = Literal[
     "workflow",
     "alert",
     "system",
+    "checkpoint",         # a signed note (``detail.note``) over the records before it
 ]
 Outcome = Literal["ok", "refused", "error", "pending", "approved", "denied", "expired", "info"]
 
