@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -19,11 +20,13 @@ from rich.table import Table
 from broker import connection
 from broker.errors import BrokerError
 from broker.secrets import load_identity
+from mas.approvals_watch import Watcher, WatchError, load_ntfy, pick_dialog
 from mas.project import Project, find_project
 from orchestrator.planners import (
     PlannerConfigError,
     WorkflowError,
     load_settings,
+    make_library,
     make_planner,
 )
 from orchestrator.service import Orchestrator, WorkflowList
@@ -49,13 +52,30 @@ def _url(project: Project) -> str:
     return os.environ.get("MAS_BROKER_URL") or f"tls://{project.policy().broker.listen}"
 
 
-async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answer: type[M],
-               timeout: float = 10.0) -> M:
-    client = await connection.connect(load_identity(project.secrets, "operator"), _url(project),
-                                      max_reconnect_attempts=0)
-    try:
+class OperatorSession:
+    """One connection to the broker as the operator: requests to the orchestrator's admin
+    endpoints, each answer checked to be signed by the orchestrator, and decisions signed
+    with the operator's key. The one-shot commands open one per command; `mas approvals
+    watch` keeps one open."""
+
+    def __init__(self, project: Project, client: connection.BrokerClient) -> None:
+        self.project = project
+        self.client = client
+
+    @classmethod
+    async def open(cls, project: Project, *, reconnect: bool = False) -> OperatorSession:
+        client = await connection.connect(load_identity(project.secrets, "operator"),
+                                          _url(project),
+                                          max_reconnect_attempts=-1 if reconnect else 0)
+        return cls(project, client)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def ask(self, subject: str, payload: BaseModel | bytes, answer: type[M],
+                  timeout: float = 10.0) -> M:
         try:
-            reply = await client.request(subject, payload, timeout=timeout)
+            reply = await self.client.request(subject, payload, timeout=timeout)
         except Exception as exc:
             raise BrokerError(f"the orchestrator did not answer on {subject} "
                               f"({type(exc).__name__}); is it running (`mas orchestrator run`)?"
@@ -67,8 +87,28 @@ async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answe
         except ValidationError:
             return answer.model_validate_json(reply.data)
         raise BrokerError(f"refused ({error.code}): {error.reason}")
+
+    async def pending(self) -> list[Approval]:
+        query = ApprovalQuery(status="pending")
+        return (await self.ask(admin.APPROVALS_LIST, query, ApprovalList)).approvals
+
+    async def decide(self, approval: Approval, decision: Literal["approve", "deny"],
+                     reason: str) -> Approval:
+        """Sign ``decision`` for exactly the arguments ``approval`` holds and send it."""
+        signed = sign_decision(load_identity(self.project.secrets, "operator").signing_key,
+                               approval_id=approval.id, args_sha256=approval.args_sha256,
+                               decision=decision, reason=reason, by="operator")
+        [result] = (await self.ask(admin.APPROVALS_DECIDE, signed, ApprovalList)).approvals
+        return result
+
+
+async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answer: type[M],
+               timeout: float = 10.0) -> M:
+    session = await OperatorSession.open(project)
+    try:
+        return await session.ask(subject, payload, answer, timeout)
     finally:
-        await client.close()
+        await session.close()
 
 
 @orchestrator_app.command("run")
@@ -76,11 +116,13 @@ def orchestrator_run(root: RootOption = None) -> None:
     """Run the orchestrator in the foreground until SIGTERM or Ctrl-C."""
     project = find_project(root)
     try:
-        planner = make_planner(load_settings(), project.root)
+        settings = load_settings()
+        planner = make_planner(settings, project.root)
+        library = make_library(settings, project.root)
     except (PlannerConfigError, WorkflowError) as exc:
         raise BrokerError(f"planner: {exc}") from None
     service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
-                           _url(project), planner=planner)
+                           _url(project), planner=planner, library=library)
     asyncio.run(service.run())
 
 
@@ -146,10 +188,15 @@ def _decide(approval_id: str, decision: Literal["approve", "deny"], reason: str,
             root: Path | None) -> None:
     project = find_project(root)
     approval = _one(project, approval_id)
-    signed = sign_decision(load_identity(project.secrets, "operator").signing_key,
-                           approval_id=approval.id, args_sha256=approval.args_sha256,
-                           decision=decision, reason=reason, by="operator")
-    [result] = asyncio.run(_ask(project, admin.APPROVALS_DECIDE, signed, ApprovalList)).approvals
+
+    async def send() -> Approval:
+        session = await OperatorSession.open(project)
+        try:
+            return await session.decide(approval, decision, reason)
+        finally:
+            await session.close()
+
+    result = asyncio.run(send())
     out.print(f"{result.id}: {result.status} ({result.agent}.{result.action})")
 
 
@@ -167,6 +214,58 @@ def approvals_approve(approval_id: str, reason: ReasonOption = "", root: RootOpt
 def approvals_deny(approval_id: str, reason: ReasonOption = "", root: RootOption = None) -> None:
     """Deny; the requester is told the reason."""
     _decide(approval_id, "deny", reason, root)
+
+
+@approvals_app.command("watch")
+def approvals_watch(
+    dialog: Annotated[str, typer.Option(
+        help="auto (a macOS dialog where osascript exists), osascript, or none (terminal).")]
+    = "auto",
+    ntfy: Annotated[str | None, typer.Option(
+        "--ntfy", help="Also push each new approval to this ntfy topic URL "
+        "(default $MAS_NTFY_URL; off when unset).")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.1, max=60)]
+    = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Handle what is pending now, then exit.")]
+    = False,
+    root: RootOption = None,
+) -> None:
+    """Announce each new approval once: a macOS dialog with Deny/Approve (decisions signed
+    with your key), or a block on the terminal; optionally an ntfy push."""
+    project = find_project(root)
+    if dialog not in ("auto", "osascript", "none"):
+        raise BrokerError(f"--dialog {dialog!r}: use auto, osascript or none")
+    try:
+        osascript = pick_dialog(dialog)  # type: ignore[arg-type]
+        ntfy_settings = load_ntfy(ntfy)
+    except WatchError as exc:
+        raise BrokerError(str(exc)) from None
+    push = ntfy_settings if ntfy_settings.url is not None else None
+    out.print(f"watching approvals ({'macOS dialog' if osascript else 'terminal'}; ntfy push "
+              f"{'on' if push else 'off'}){'' if once else '; Ctrl-C stops'}")
+
+    async def watch() -> None:
+        session = await OperatorSession.open(project, reconnect=not once)
+        watcher = Watcher(session, osascript=osascript, ntfy=push)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(watcher.run(interval_s=interval, once=once))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stopper):
+                t.cancel()
+            await asyncio.gather(task, stopper, return_exceptions=True)
+            await session.close()
+        if task.done() and not task.cancelled() and (failed := task.exception()) is not None:
+            raise failed
+        if stop.is_set():
+            out.print("stopped watching")
+
+    asyncio.run(watch())
 
 
 def _workflow_table(result: WorkflowList) -> Table:
