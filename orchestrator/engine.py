@@ -40,13 +40,15 @@ from orchestrator.plan import (
     validate_plan,
 )
 from orchestrator.workflows import StepState, Workflow
-from protocol.actions import Completed, Refused
+from protocol.actions import Completed, Failed, Refused
 from protocol.explain import Explanation
 
 log = structlog.get_logger("mas.orchestrator")
 PREFIX = "wf."
 STEP_TIMEOUT_S = 30.0
 MAX_ROUNDS = 4
+MAX_ATTEMPTS = 3  # sends of one step when the agent does not answer
+RETRY_DELAY_S = 1.0  # times the attempt number
 Audit = Callable[..., Awaitable[None]]
 
 
@@ -242,33 +244,52 @@ class Engine:
                 return
         if state.jti is None:
             state.jti = f"{wf.id}-{step.id}"
-        state.status, state.attempts = "running", state.attempts + 1
-        await self.save(wf)  # the jti is durable before the command goes out
-        await self.audit("command", step.agent, step.action, "pending", workflow_id=wf.id,
-                         trace_id=wf.trace_id, detail={"step": step.id, "jti": state.jti})
-        try:
-            reply = await self.caller.call(step.agent, step.action, dict(step.args),
-                                           approval_id=approval_id, jti=state.jti,
-                                           timeout=STEP_TIMEOUT_S)
-        except Exception as exc:  # broker gone, no responders, timeout: recorded, not raised
-            state.status, state.code = "failed", "unreachable"
-            state.reason = f"{type(exc).__name__}: the agent did not answer"
-        else:
-            if isinstance(reply, Completed):
-                state.status, state.output = "done", reply.output
-            elif isinstance(reply, Refused) and reply.code == "token_replayed" \
-                    and state.attempts > 1:
-                # sent before a restart and run then: done once, its output is lost
-                state.status, state.code = "done", "already_done"
-                state.reason = "the agent ran this step before the restart"
+        while True:
+            state.status, state.attempts = "running", state.attempts + 1
+            await self.save(wf)  # the jti is durable before the command goes out
+            await self.audit("command", step.agent, step.action, "pending", workflow_id=wf.id,
+                             trace_id=wf.trace_id, detail={"step": step.id, "jti": state.jti,
+                                                           "attempt": state.attempts})
+            try:
+                reply = await self.caller.call(step.agent, step.action, dict(step.args),
+                                               approval_id=approval_id, jti=state.jti,
+                                               timeout=STEP_TIMEOUT_S)
+            except Exception as exc:  # broker gone, no responders, timeout: not raised
+                if state.attempts < MAX_ATTEMPTS:
+                    # Same jti: if the agent did run it and only the reply was lost, it
+                    # refuses the repeat (token_replayed) and the step counts as done.
+                    await self.audit("command", step.agent, step.action, "error",
+                                     code="retrying", workflow_id=wf.id, trace_id=wf.trace_id,
+                                     detail={"step": step.id, "attempt": state.attempts,
+                                             "error": type(exc).__name__})
+                    await asyncio.sleep(RETRY_DELAY_S * state.attempts)
+                    continue
+                state.status, state.code = "failed", "unreachable"
+                state.reason = (f"{type(exc).__name__}: the agent did not answer "
+                                f"({state.attempts} attempts)")
             else:
-                state.status = "refused" if isinstance(reply, Refused) else "failed"
-                state.code, state.reason = reply.code, reply.reason
-        await self.audit("command", step.agent, step.action,
-                         "ok" if state.status == "done" else
-                         ("refused" if state.status == "refused" else "error"),
+                self._record_reply(state, reply)
+            break
+        await self.audit("command", step.agent, step.action, self._outcome(state),
                          code=state.code, workflow_id=wf.id, trace_id=wf.trace_id,
                          detail={"step": step.id, "jti": state.jti})
+
+    @staticmethod
+    def _outcome(state: StepState) -> str:
+        return {"done": "ok", "refused": "refused"}.get(state.status, "error")
+
+    @staticmethod
+    def _record_reply(state: StepState, reply: Completed | Refused | Failed) -> None:
+        if isinstance(reply, Completed):
+            state.status, state.output = "done", reply.output
+        elif isinstance(reply, Refused) and reply.code == "token_replayed" \
+                and state.attempts > 1:
+            # sent before (a restart or a lost reply) and run then: done once, output lost
+            state.status, state.code = "done", "already_done"
+            state.reason = "the agent ran this step on an earlier attempt"
+        else:
+            state.status = "refused" if isinstance(reply, Refused) else "failed"
+            state.code, state.reason = reply.code, reply.reason
 
     async def _approval_for(self, wf: Workflow, step: Step, state: StepState) -> str | None:
         """The approval id once approved (and consumed); None while waiting or refused."""
