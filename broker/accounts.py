@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from broker import subjects as subj
-from broker.policy import Agent, Policy, size_bytes
+from broker.policy import Agent, Policy, event_subjects, jetstream_reservation, size_bytes
 
 PLATFORM = subj.PLATFORM_ACCOUNT
 SERVICES = ("orchestrator", "control", "operator")
-AGENT_MAX_STREAMS = 1
 AGENT_MAX_CONSUMERS = 16
 AGENT_MAX_MEMORY = 1024 * 1024
 # Per-account caps, so one agent cannot take the connections or memory the platform needs.
@@ -82,18 +81,19 @@ def agent_publishes(name: str, agent: Agent) -> list[str]:
 def build_accounts(policy: Policy) -> list[Account]:
     agents = sorted(policy.agents)
     js = policy.broker.jetstream
-    stateful = [a for a in agents if policy.agents[a].state]
+    storing = [a for a in agents if jetstream_reservation(policy.agents[a])]
     # Account limits are reservations: the platform gets what the agents do not reserve.
     platform = Account(PLATFORM, SERVICES, JetStreamLimits(
-        max_mem=size_bytes(js.max_memory) - AGENT_MAX_MEMORY * len(stateful),
+        max_mem=size_bytes(js.max_memory) - AGENT_MAX_MEMORY * len(storing),
         max_file=size_bytes(js.max_file)
-        - sum(size_bytes(policy.agents[a].state_limit) for a in stateful),
+        - sum(jetstream_reservation(policy.agents[a]) for a in storing),
     ))
     accounts = {PLATFORM: platform}
     for name in agents:
         agent = policy.agents[name]
-        limits = JetStreamLimits(AGENT_MAX_MEMORY, size_bytes(agent.state_limit),
-                                 AGENT_MAX_STREAMS, AGENT_MAX_CONSUMERS) if agent.state else None
+        streams = int(agent.state) + int(bool(event_subjects(agent)))  # KV bucket, events
+        limits = JetStreamLimits(AGENT_MAX_MEMORY, jetstream_reservation(agent), streams,
+                                 AGENT_MAX_CONSUMERS) if streams else None
         accounts[subj.account(name)] = Account(
             subj.account(name), (name,), limits,
             ConnectionLimits(AGENT_MAX_CONNECTIONS, AGENT_MAX_SUBSCRIPTIONS))

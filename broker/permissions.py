@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker import subjects as subj
-from broker.policy import Agent, Policy
+from broker.policy import Agent, Policy, event_subjects
 
 API = "$JS.API"
 
@@ -60,6 +60,22 @@ def _kv_write(bucket: str) -> list[str]:
     ]
 
 
+def _event_feed(agent: str) -> list[str]:
+    """The agent's own event stream and its one durable consumer (named after it), in
+    its own account: create or update both, pull, acknowledge. Nothing else: no other
+    consumer, no delete or purge, no direct gets."""
+    stream = subj.event_stream(agent)
+    return [
+        f"{API}.STREAM.CREATE.{stream}",
+        f"{API}.STREAM.UPDATE.{stream}",
+        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.{agent}",
+        f"{API}.CONSUMER.INFO.{stream}.{agent}",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.{agent}",
+        f"$JS.ACK.{stream}.{agent}.>",
+    ]
+
+
 def _audit_write() -> list[str]:
     s = subj.AUDIT_STREAM
     return [
@@ -94,6 +110,10 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
     if agent.state:
         publish += _kv_write(subj.kv_bucket(name))
         notes.append(f"KV bucket {subj.kv_bucket(name)} in its own account: read/write")
+    if event_subjects(agent):
+        publish += _event_feed(name)
+        notes.append(f"stream {subj.event_stream(name)} of its subscribed events in its own "
+                     "account: one durable consumer")
     if "audit" in agent.read_streams:
         subscribe.append(subj.AUDIT_FEED)
         notes.append("audit records: live, read-only")

@@ -149,6 +149,19 @@ class Policy(_Strict):
         return [n for n, a in self.agents[agent].actions.items() if a.sensitive]
 
 
+def event_subjects(agent: Agent) -> list[str]:
+    """The subscriptions kept for the agent in its own event stream (``EVENTS_<name>``)."""
+    return [s for s in agent.subscribe if subj.durable(s)]
+
+
+def jetstream_reservation(agent: Agent) -> int:
+    """Bytes of file storage the agent's account reserves: its KV bucket and its events."""
+    reserved = size_bytes(agent.state_limit) if agent.state else 0
+    if event_subjects(agent):
+        reserved += subj.EVENT_STREAM_MAX_BYTES
+    return reserved
+
+
 PUBLISH_FAMILIES = ("mas.alert.>",)
 SUBSCRIBE_FAMILIES = ("mas.event.>", "mas.alert.>", "mas.heartbeat.>")
 
@@ -235,7 +248,7 @@ def load_policy(path: Path) -> Policy:
             raise PolicyError(
                 f"duplicate identity {name!r}: it is a platform service; rename the agent",
                 path=path, line=lines.line_for(("agents", name)))
-    reserved = sum(size_bytes(a.state_limit) for a in policy.agents.values() if a.state)
+    reserved = sum(jetstream_reservation(a) for a in policy.agents.values())
     if size_bytes(policy.broker.jetstream.max_file) - reserved < PLATFORM_MIN_STORE:
         raise PolicyError(
             f"agents reserve {reserved // 1024**2} MiB of JetStream storage, leaving the "

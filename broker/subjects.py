@@ -61,6 +61,25 @@ def kv_bucket(agent: str) -> str:
     return f"agent_{agent}"
 
 
+# Events an agent subscribes to are kept for it in a stream of its own account, read
+# through one durable consumer named after it that its replicas share (see
+# agents/runtime/feed.py). Heartbeats stay live only; the audit feed is a stream already.
+DURABLE_FEEDS = ("mas.event.>", "mas.alert.>")
+EVENT_STREAM_MAX_BYTES = 16 * 1024**2
+EVENT_STREAM_MAX_AGE_S = 24 * 3600
+EVENT_STREAM_MAX_MSGS = 100_000
+EVENT_MAX_DELIVER = 5
+
+
+def event_stream(agent: str) -> str:
+    return f"EVENTS_{agent}"
+
+
+def durable(subject: str) -> bool:
+    """True when events on ``subject`` reach a subscriber through its event stream."""
+    return any(within(subject, family) for family in DURABLE_FEEDS)
+
+
 def validate_pattern(subject: str) -> str | None:
     """Return why ``subject`` is not a valid NATS subject pattern, or None if it is."""
     if not subject or len(subject) > 256:

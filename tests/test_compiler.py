@@ -107,7 +107,8 @@ def test_no_identity_gets_a_blanket_grant(policy_key: str, identity: str) -> Non
             assert not subj.overlaps(entry, "_INBOX.>"), entry
             # JetStream API grants always name one stream.
             if entry.startswith("$JS.API."):
-                assert "MAS_AUDIT" in entry or ".KV_" in entry, entry
+                assert "MAS_AUDIT" in entry or ".KV_" in entry or (
+                    f".{subj.event_stream(identity)}" in entry), entry
     for other in policy.identities():
         if other != identity:
             other_inbox = f"{subj.inbox_prefix(other)}.>"
@@ -166,7 +167,41 @@ def test_agent_jetstream_access_is_only_its_own_bucket(
         assert f"$KV.{own}.>" in p.publish_allow
         assert f"$JS.API.STREAM.CREATE.KV_{own}" in p.publish_allow
     else:
-        assert not any(e.startswith("$") for e in p.publish_allow)
+        assert not any(e.startswith(("$KV.", "$JS.API.STREAM.CREATE.KV_"))
+                       for e in p.publish_allow)
+
+
+@pytest.mark.parametrize(("policy_key", "identity"),
+                         [(k, n) for k, n in every_identity() if n not in SERVICE_NAMES])
+def test_event_stream_grants_are_exactly_its_own_stream_and_consumer(
+        policy_key: str, identity: str) -> None:
+    """An agent that subscribes to events may create, update and read its own event
+    stream and pull from and acknowledge its one durable consumer; nothing else of it
+    (no other consumer, no delete, purge or direct get), and nothing of another's."""
+    policy = POLICIES[policy_key]
+    agent = policy.agents[identity]
+    p = perms_of(policy)[identity]
+    stream = subj.event_stream(identity)
+    feed = {e for e in p.publish_allow if "EVENTS_" in e}
+    durable = [s for s in agent.subscribe if subj.durable(s)]
+    expected = {
+        f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.{identity}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{identity}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{identity}", f"$JS.ACK.{stream}.{identity}.>",
+    }
+    assert feed == (expected if durable else set())
+    for denied in ("STREAM.DELETE", "STREAM.PURGE", "STREAM.MSG.DELETE", "DIRECT.GET"):
+        assert not any(subj.overlaps(e, f"$JS.API.{denied}.{stream}") for e in feed)
+    assert not any(subj.overlaps(e, f"$JS.API.CONSUMER.CREATE.{stream}.spy") for e in feed)
+    accounts = {a.name: a for a in build_accounts(policy)}
+    js = accounts[subj.account(identity)].jetstream
+    if durable:
+        assert js is not None
+        assert js.max_file >= subj.EVENT_STREAM_MAX_BYTES
+        assert js.max_streams == 1 + int(agent.state)
+    elif not agent.state:
+        assert js is None
 
 
 def test_only_the_orchestrator_may_send_commands() -> None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from agents.runtime.context import Context, Event
 from agents.runtime.declare import ActionDef, ActionError, Agent, EventDef, PollDef
+from agents.runtime.feed import EventFeed, FeedSettings
 from agents.runtime.gate import CommandGate, Refusal, parse_args
 from agents.runtime.ledger import SingleUseLedger
 from agents.runtime.senders import sender_allowed
@@ -50,6 +51,7 @@ class AgentService:
         self, agent: Agent, material: IdentityMaterial, url: str, *,
         stateful: bool = False, heartbeat_s: float = 10.0, ready_file: Path | None = None,
         settings: dict[str, str] | None = None, register: bool = True,
+        feed: FeedSettings | None = None,
     ) -> None:
         if material.identity != agent.name:
             raise ValueError(f"credentials are {material.identity}'s, not {agent.name}'s")
@@ -61,6 +63,8 @@ class AgentService:
         self.ready_file = ready_file
         self.settings = settings or {}
         self.register = register
+        self.feed_settings = feed
+        self.feed: EventFeed | None = None
         self.instance = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self.counts = {"ok": 0, "refused": 0, "error": 0}
@@ -98,8 +102,13 @@ class AgentService:
         self._subs.append(await client.subscribe(
             subj.commands(name), self._on_command, queue=name, on_refused=self._on_bad_envelope))
         for event in self.agent.events:
-            self._subs.append(await client.subscribe(
-                event.subject, self._event_handler(event), queue=name))
+            if not subj.durable(event.subject):
+                self._subs.append(await client.subscribe(
+                    event.subject, self._event_handler(event), queue=name))
+        stored = [e for e in self.agent.events if subj.durable(e.subject)]
+        if stored:
+            self.feed = EventFeed(client, name, stored, self.context, self.feed_settings)
+            await self.feed.start()
         await client.sync()
         for poll in self.agent.polls:
             self._background.append(asyncio.create_task(self._poll_loop(poll)))
@@ -118,6 +127,8 @@ class AgentService:
         self.state = "draining"
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
+        if self.feed is not None:
+            await self.feed.stop()
         for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.drain()  # type: ignore[no-untyped-call]
