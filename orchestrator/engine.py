@@ -250,10 +250,17 @@ class Engine:
             await self.audit("command", step.agent, step.action, "pending", workflow_id=wf.id,
                              trace_id=wf.trace_id, detail={"step": step.id, "jti": state.jti,
                                                            "attempt": state.attempts})
+            token, claims = self.caller.mint(step.agent, step.action, dict(step.args),
+                                             approval_id=approval_id, jti=state.jti)
+            await self.audit("token_issued", step.agent, step.action, "ok", workflow_id=wf.id,
+                             trace_id=wf.trace_id,
+                             detail={"step": step.id, "jti": claims.jti, "exp": claims.exp,
+                                     "single_use": claims.single_use,
+                                     "approval_id": claims.approval_id,
+                                     "args_sha256": claims.args_sha256})
             try:
                 reply = await self.caller.call(step.agent, step.action, dict(step.args),
-                                               approval_id=approval_id, jti=state.jti,
-                                               timeout=STEP_TIMEOUT_S)
+                                               token=token, timeout=STEP_TIMEOUT_S)
             except Exception as exc:  # broker gone, no responders, timeout: not raised
                 if state.attempts < MAX_ATTEMPTS:
                     # Same jti: if the agent did run it and only the reply was lost, it

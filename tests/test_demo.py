@@ -60,7 +60,9 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
         deadline = time.monotonic() + 30
         while True:  # until the orchestrator answers and notify has registered
             started = mas(root, "run", "message-bob", "--json", "--wait", "2")
-            if started.returncode == 0 or time.monotonic() > deadline:
+            registered = started.returncode == 0 and \
+                json.loads(started.stdout)["workflows"][0]["status"] != "rejected"
+            if registered or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert started.returncode == 0, started.stderr
