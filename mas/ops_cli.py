@@ -30,6 +30,7 @@ from orchestrator.planners import (
     make_planner,
 )
 from orchestrator.service import Orchestrator, WorkflowList
+from orchestrator.settings import OrchestratorSettingsError, load_orchestrator_settings
 from protocol import admin
 from protocol.approvals import AdminError, Approval, ApprovalList, ApprovalQuery
 from security.decisions import sign_decision
@@ -121,8 +122,12 @@ def orchestrator_run(root: RootOption = None) -> None:
         library = make_library(settings, project.root)
     except (PlannerConfigError, WorkflowError) as exc:
         raise BrokerError(f"planner: {exc}") from None
+    try:
+        ttl = load_orchestrator_settings().approval_ttl_s
+    except OrchestratorSettingsError as exc:
+        raise BrokerError(str(exc)) from None
     service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
-                           _url(project), planner=planner, library=library)
+                           _url(project), planner=planner, library=library, approval_ttl_s=ttl)
     asyncio.run(service.run())
 
 
