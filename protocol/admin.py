@@ -33,7 +33,9 @@ class WorkflowRunRequest(BaseModel):
 class WorkflowQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: Annotated[str, Field(max_length=64)] | None = None
+    # a KV key: an empty or dotted id would make the store raise instead of "not found"
+    id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")] \
+        | None = None
 
 
 class Ok(BaseModel):
