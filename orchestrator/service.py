@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import nats.js.errors
 import structlog
+from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from broker import subjects as subj
@@ -41,6 +42,7 @@ from protocol.approvals import AdminError, ApprovalList, ApprovalQuery
 from protocol.registry import Registration
 from protocol.tokens import TokenRequest, TokenRequestReply
 from security.decisions import ApprovalDecision
+from security.errors import EnvelopeError
 from security.revocation import Revocation
 from security.tokens import TokenIssuer
 
@@ -95,7 +97,8 @@ class Orchestrator:
             admin.WORKFLOWS_LIST: self._workflows_list,
         }
         for subject, handler in endpoints.items():
-            await client.subscribe(subject, self._endpoint(subject, handler), queue="orchestrator")
+            await client.subscribe(subject, self._endpoint(subject, handler), queue="orchestrator",
+                                   on_refused=self._bad_envelope)
         if self.library is not None:
             self.triggers = Triggers(self.library, self._launch, self.engine.load)
             await client.subscribe(EVENTS, self._on_event, queue="orchestrator")
@@ -139,6 +142,12 @@ class Orchestrator:
                 with contextlib.suppress(Exception):
                     await self.client.respond(msg, answer)
         return serve
+
+    async def _bad_envelope(self, msg: Msg, error: EnvelopeError) -> None:
+        """Name the failed envelope check instead of leaving the requester to time out
+        (only to the operator's inbox or a response subject the server mapped)."""
+        await self.client.answer_unverified(
+            msg, AdminError(code=error.code, reason=str(error)[:500]), commander=OPERATOR)
 
     @staticmethod
     def _operator_only(msg: SignedMessage) -> None:
