@@ -32,6 +32,8 @@ AGENT_MAX_SUBSCRIPTIONS = 1000
 # How long the server keeps the reply mapping of a request an agent sent to the platform
 # (default 2 minutes): unanswered requests would otherwise pile up as server memory.
 PLATFORM_RESPONSE_THRESHOLD = "10s"
+# Discovery ($SRV.<verb>.<agent>): every replica of the agent answers one request.
+DISCOVERY_RESPONSE_THRESHOLD = "5s"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Export:
     subject: str
     accounts: tuple[str, ...]
     response_threshold: str | None = None
+    response_type: Literal["stream"] | None = None  # several replies per request
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ def build_accounts(policy: Policy) -> list[Account]:
         agent, acct = policy.agents[name], accounts[subj.account(name)]
         acct.exports.append(Export("service", subj.commands(name), (PLATFORM,)))
         platform.imports.append(Import("service", acct.name, subj.commands(name)))
+        for srv in subj.srv_exports(name):
+            acct.exports.append(Export("service", srv, (PLATFORM,),
+                                       response_threshold=DISCOVERY_RESPONSE_THRESHOLD,
+                                       response_type="stream"))
+            platform.imports.append(Import("service", acct.name, srv))
         for service in subj.ORCH_SERVICES:
             acct.imports.append(Import("service", PLATFORM, service))
         acct.imports.append(Import("stream", PLATFORM, subj.REVOCATIONS))

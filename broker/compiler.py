@@ -76,6 +76,8 @@ def _account(account: Account, users: list[Permissions]) -> list[str]:
             targets = ", ".join(_q(a) for a in e.accounts)
             threshold = (f", response_threshold: {_q(e.response_threshold)}"
                          if e.response_threshold else "")
+            if e.response_type:
+                threshold += f", response_type: {_q(e.response_type)}"
             out.append(f"      {{ {e.kind}: {_q(e.subject)}, accounts: [{targets}]{threshold} }}")
         out.append("    ]")
     if account.imports:

@@ -94,6 +94,11 @@ AUDIT_DENY = (
 )
 
 
+# The operator discovers every service ($SRV.<verb> in its account, $SRV.<verb>.<name>
+# of the agents through the imports in broker/accounts.py).
+DISCOVER = (*(f"$SRV.{v}" for v in subj.SRV_VERBS), *(f"$SRV.{v}.>" for v in subj.SRV_VERBS))
+
+
 def agent_permissions(name: str, agent: Agent) -> Permissions:
     publish = [
         subj.events(name),
@@ -105,7 +110,7 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
         *agent.publish,
     ]
     subscribe = [subj.commands(name), f"{subj.inbox_prefix(name)}.>", subj.REVOCATIONS,
-                 *agent.subscribe]
+                 *agent.subscribe, *subj.srv_subjects(name)]
     notes = [f"account {subj.account(name)}", "revocations: signed broadcasts, read-only"]
     if agent.state:
         publish += _kv_write(subj.kv_bucket(name))
@@ -138,7 +143,8 @@ def service_permissions(name: str) -> Permissions:
             identity=name,
             role="orchestrator",
             publish_allow=tuple(dict.fromkeys(publish)),
-            subscribe_allow=("mas.orch.>", "mas.admin.>", *subj.PLATFORM_FEEDS, inbox),
+            subscribe_allow=("mas.orch.>", "mas.admin.>", *subj.PLATFORM_FEEDS, inbox,
+                             *subj.srv_subjects(name)),
             publish_deny=AUDIT_DENY,
             allow_responses=True,
             notes=(f"KV {', '.join(buckets)}: read/write", f"stream {subj.AUDIT_STREAM}: append"),
@@ -153,7 +159,8 @@ def service_permissions(name: str) -> Permissions:
         )
     if name == "operator":
         buckets = subj.ORCHESTRATOR_BUCKETS
-        publish = ["mas.admin.>", "mas.control.>", *_stream_read(subj.AUDIT_STREAM)]
+        publish = ["mas.admin.>", "mas.control.>", *_stream_read(subj.AUDIT_STREAM),
+                   *DISCOVER]
         for bucket in buckets:
             publish += _kv_read(bucket)
         return Permissions(

@@ -71,6 +71,21 @@ EVENT_STREAM_MAX_MSGS = 100_000
 EVENT_MAX_DELIVER = 5
 
 
+SRV_VERBS = ("PING", "INFO", "STATS")
+
+
+def srv_subjects(name: str) -> tuple[str, ...]:
+    """Every NATS services API subject the service ``name`` answers on (``nats.micro``):
+    the bare verbs, the verbs for its name, and the id-qualified forms; nothing else."""
+    return (*(f"$SRV.{v}" for v in SRV_VERBS), *(f"$SRV.{v}.{name}" for v in SRV_VERBS),
+            *(f"$SRV.{v}.{name}.*" for v in SRV_VERBS))
+
+
+def srv_exports(name: str) -> tuple[str, ...]:
+    """What the platform imports from an agent's account to discover it."""
+    return (f"$SRV.*.{name}", f"$SRV.*.{name}.*")
+
+
 def event_stream(agent: str) -> str:
     return f"EVENTS_{agent}"
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from broker import subjects as subj
 from broker.connection import SignedMessage, connect
+from broker.discovery import Discovery, EndpointSpec, package_version
 from broker.policy import Policy
 from broker.revocations import RevocationAuthority
 from broker.secrets import IdentityMaterial
@@ -96,9 +97,15 @@ class Orchestrator:
             admin.WORKFLOWS_RUN: self._workflows_run,
             admin.WORKFLOWS_LIST: self._workflows_list,
         }
+        self.discovery = Discovery(  # $SRV.* answers (nats.micro); commands stay verified here
+            client.nc, "orchestrator", package_version(),
+            self.policy.services.orchestrator.description,
+            [EndpointSpec("_".join(s.split(".")[2:]), s, "orchestrator") for s in endpoints])
         for subject, handler in endpoints.items():
-            await client.subscribe(subject, self._endpoint(subject, handler), queue="orchestrator",
+            await client.subscribe(subject, self.discovery.counted(
+                subject, self._endpoint(subject, handler)), queue="orchestrator",
                                    on_refused=self._bad_envelope)
+        await self.discovery.start()
         if self.library is not None:
             self.triggers = Triggers(self.library, self._launch, self.engine.load)
             await client.subscribe(EVENTS, self._on_event, queue="orchestrator")
@@ -117,6 +124,8 @@ class Orchestrator:
         if self.broker_log is not None:
             await self.broker_log.stop()
         await self.audit_log.close()
+        with contextlib.suppress(Exception):
+            await self.discovery.stop()
         await self.client.close()
 
     def _endpoint(self, subject: str,

@@ -126,7 +126,7 @@ def test_agent_conventions(policy_key: str, identity: str) -> None:
     p = perms_of(policy)[identity]
     assert p.subscribe_allow[:2] == (f"mas.agent.{identity}.>", f"_INBOX_{identity}.>")
     expected = {f"mas.agent.{identity}.>", f"_INBOX_{identity}.>", subj.REVOCATIONS,
-                *agent.subscribe}
+                *agent.subscribe, *subj.srv_subjects(identity)}
     if "audit" in agent.read_streams:
         expected.add(subj.AUDIT_FEED)
     assert set(p.subscribe_allow) == expected
@@ -140,6 +140,11 @@ def test_agent_conventions(policy_key: str, identity: str) -> None:
                 assert not subj.overlaps(entry, subj.commands(other)), (entry, other)
                 if entry in p.publish_allow:
                     assert not subj.overlaps(entry, subj.events(other)), (entry, other)
+                # It answers discovery ($SRV, nats.micro) for its own name only.
+                for verb in subj.SRV_VERBS:
+                    assert not subj.overlaps(entry, f"$SRV.{verb}.{other}"), (entry, other)
+                    assert not subj.overlaps(entry, f"$SRV.{verb}.{other}.x"), (entry, other)
+    assert not any(e.startswith("$SRV") for e in p.publish_allow)
 
 
 @pytest.mark.parametrize(("policy_key", "identity"),

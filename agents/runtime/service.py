@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ from agents.runtime.ledger import SingleUseLedger
 from agents.runtime.senders import sender_allowed
 from broker import subjects as subj
 from broker.connection import BrokerClient, SignedMessage, connect
+from broker.discovery import Discovery, EndpointSpec
 from broker.revocations import RevocationFollower
 from broker.secrets import IdentityMaterial
 from protocol.actions import Completed, Failed, Refused
@@ -65,6 +67,7 @@ class AgentService:
         self.register = register
         self.feed_settings = feed
         self.feed: EventFeed | None = None
+        self.discovery: Discovery | None = None
         self.instance = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:8]}"
         self.started = time.time()
         self.counts = {"ok": 0, "refused": 0, "error": 0}
@@ -109,6 +112,11 @@ class AgentService:
         if stored:
             self.feed = EventFeed(client, name, stored, self.context, self.feed_settings)
             await self.feed.start()
+        self.discovery = Discovery(
+            client.nc, name, self.agent.version, self.agent.description,
+            [_endpoint(name, a) for a in self.agent.actions.values()],
+            metadata={"kind": self.agent.kind, "instance": self.instance})
+        await self.discovery.start()
         await client.sync()
         for poll in self.agent.polls:
             self._background.append(asyncio.create_task(self._poll_loop(poll)))
@@ -137,6 +145,9 @@ class AgentService:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=30)
+        if self.discovery is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self.discovery.stop()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._beat()
@@ -185,6 +196,9 @@ class AgentService:
                 await first_run.wait()
             reply = Refused(code=refusal.code, reason=refusal.reason[:500])
         self.counts[reply.status] += 1
+        if self.discovery is not None:
+            self.discovery.record(msg.subject, int((time.perf_counter() - began) * 1e9),
+                                  None if isinstance(reply, Completed) else reply.code)
         fields: dict[str, Any] = {"agent": self.agent.name, "action": action,
                                   "trace_id": msg.trace_id, "sender": msg.sender,
                                   "outcome": reply.status,
@@ -318,6 +332,14 @@ class AgentService:
         await stopping
         log.info("agent.draining", agent=self.agent.name, in_flight=len(self._tasks))
         await self.stop()
+
+
+def _endpoint(agent: str, action: ActionDef) -> EndpointSpec:
+    """How an action is listed by ``$SRV.INFO``: its command subject and what the
+    orchestrator's registry knows of it."""
+    return EndpointSpec(action.name, subj.command(agent, action.name), agent, {
+        "sensitive": str(action.sensitive).lower(), "description": action.description,
+        "schema": json.dumps(action.input_model.model_json_schema(), sort_keys=True)})
 
 
 class _KvState:
