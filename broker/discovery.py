@@ -13,10 +13,10 @@ subscribed: ``Discovery`` is a ``nats.micro`` service whose INFO and STATS list 
 subjects the caller serves on its verified path, with the counts it records.
 
 The answers are plain ``nats.micro`` JSON, unsigned: they say what is there, and grant
-nothing. Across accounts the platform reaches an agent's service through
-``$SRV.<VERB>.<name>`` (one import per agent, see ``broker.accounts``); the bare
-``$SRV.PING`` stays inside each account, because nats-server cannot fan one imported
-subject out to several exporting accounts.
+nothing. Each agent's account exports its ``$SRV`` subjects (the bare verbs and those of
+its own name) to the platform, which imports them from every agent: nats-server 2.11+
+accepts one subject imported from several accounts and fans a request out to all of
+them, so ``$SRV.PING`` from the operator reaches every service (``broker.accounts``).
 """
 
 from __future__ import annotations

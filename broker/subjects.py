@@ -82,8 +82,10 @@ def srv_subjects(name: str) -> tuple[str, ...]:
 
 
 def srv_exports(name: str) -> tuple[str, ...]:
-    """What the platform imports from an agent's account to discover it."""
-    return (f"$SRV.*.{name}", f"$SRV.*.{name}.*")
+    """What the platform imports from an agent's account to discover it: the bare verbs
+    too, since nats-server (2.11+, nats-io/nats-server#6704) lets one account import the
+    same service subject from several accounts and fans a request out to all of them."""
+    return (*(f"$SRV.{v}" for v in SRV_VERBS), f"$SRV.*.{name}", f"$SRV.*.{name}.*")
 
 
 def event_stream(agent: str) -> str:

@@ -124,9 +124,15 @@ async def test_the_orchestrator_is_discoverable_and_counts_its_requests(
     assert info.name == "orchestrator"
     subjects = {e.subject for e in info.endpoints}
     assert {"mas.orch.register", "mas.orch.token.request"} <= subjects
-    # The bare verb stays inside an account: from the platform it finds the orchestrator
-    # only (agents are reached by name, one import each).
-    assert {a["name"] for a in await ask(running.operator, "$SRV.PING")} == {"orchestrator"}
+
+
+async def test_one_bare_ping_from_the_operator_reaches_every_service(running: Running) -> None:
+    """$SRV.PING crosses into every agent account (one import of the same subject from
+    each), so `nats micro ls` run as the operator lists the whole platform."""
+    instances = 1 + sum(len(s) for s in running.agents.values())
+    answers = await ask(running.operator, "$SRV.PING", expect=instances)
+    assert len(answers) == instances
+    assert {a["name"] for a in answers} == {"orchestrator", *running.policy.agents}
 
 
 async def test_stats_count_the_commands_an_agent_served(running: Running) -> None:
