@@ -1,8 +1,9 @@
 """The revocation set: tokens revoked by ``jti`` and agents cut off by a kill switch.
 
 Pure data; the broker layer keeps it in a KV bucket (one key per entry) and feeds
-changes in with ``apply``. An agent revocation refuses every token for that agent
-issued at or before the revocation time, so a re-enabled agent needs fresh tokens.
+changes in with ``apply``. An agent revocation (the kill switch) refuses every token
+for that agent, those already out and those minted after it, until it is lifted:
+otherwise the orchestrator's next fresh token would walk straight past it.
 """
 
 from __future__ import annotations
@@ -47,8 +48,7 @@ class RevocationSet:
     def is_revoked(self, claims: CapabilityClaims) -> bool:
         if claims.jti in self._jtis:
             return True
-        agent = self._agents.get(claims.aud)
-        return agent is not None and claims.iat <= agent.revoked_at
+        return claims.aud in self._agents
 
     def prune(self, now: int) -> None:
         """Forget jti entries whose tokens have expired anyway (bounded memory)."""

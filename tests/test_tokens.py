@@ -289,7 +289,11 @@ def test_revoked_by_agent_kill_switch(issuer: TokenIssuer, verifier: TokenVerifi
         check(verifier, before, revocations=revs, now=T0)
     with pytest.raises(TokenRevoked):
         check(verifier, at, revocations=revs, now=T0)
-    # Issued after the kill switch: a re-enabled agent's fresh tokens work.
+    # Issued after the kill switch: refused too while it is in place...
+    with pytest.raises(TokenRevoked):
+        check(verifier, after, revocations=revs, now=T0 + 1)
+    # ...and once it is lifted, the re-enabled agent's fresh tokens work.
+    revs.lift("agent", AGENT)
     assert check(verifier, after, revocations=revs, now=T0 + 1) == after_claims
     # Another agent is not affected.
     assert check(verifier, other_agent, audience="agent_b", revocations=revs, now=T0).aud == (
