@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from security.encoding import b64url_decode
 from security.revocation import RevocationSet
 from security.tokens import TokenIssuer
 from tests.conftest import ConnectAs, RunningBroker, eventually, settle
-from tests.test_cli import MAS, env
+from tests.test_cli import MAS, env, mas
 from tests.test_orchestrator import MESSAGE, SEND, Platform, audit_records
 from tests.test_runtime import Seen, make_agent
 
@@ -380,16 +381,29 @@ async def test_an_orchestrator_killed_mid_workflow_finishes_it_after_a_restart(
         proc.stop()
 
 
-async def revoke_agent(plat: Platform, agent: str) -> None:
-    """What `mas tokens revoke --agent NAME` sends; returns once the agent has it."""
-    answer = admin.Ok.model_validate_json(await plat.admin(
-        admin.REVOKE, admin.RevokeRequest(kind="agent", target=agent, reason="lost laptop")))
-    assert answer.detail == f"revoked agent {agent}"
+async def revoke_agent(plat: Platform, agent: str, *, cli: bool = False) -> None:
+    """`mas tokens revoke --agent NAME` (the command itself, or the request it sends);
+    returns once the agent holds the revocation."""
+    if cli:
+        done = await asyncio.to_thread(
+            mas, plat.broker.project.root, "tokens", "revoke", agent, "--agent", "--reason",
+            "lost laptop", extra_env={"MAS_BROKER_URL": plat.broker.url})
+        assert done.returncode == 0, done.stderr
+        assert f"revoked agent {agent}" in done.stdout
+    else:
+        answer = admin.Ok.model_validate_json(await plat.admin(admin.REVOKE, admin.RevokeRequest(
+            kind="agent", target=agent, reason="lost laptop")))
+        assert answer.detail == f"revoked agent {agent}"
     held = plat.agent.gate.revocations
     assert isinstance(held, RevocationSet)
     await eventually(lambda: any(e.kind == "agent" and e.target == agent
                                  for e in held.entries()),
                      timeout=10, what="the agent holds the revocation")
+    [entry] = [e for e in held.entries() if e.kind == "agent"]
+    # tokens minted from now on are newer than the revocation: the kill switch must
+    # refuse them too, not only the tokens that were out when it was thrown
+    await eventually(lambda: time.time() >= entry.revoked_at + 1, timeout=3,
+                     what="a second after the revocation")
 
 
 async def assert_refused_by_the_agent(plat: Platform, wf: Workflow, step_id: str) -> None:
@@ -413,7 +427,7 @@ async def test_a_revoked_agent_refuses_the_next_step_after_the_one_it_finished(
     assert wf.status == "waiting_approval"
     assert rig.seen.calls == [("notify_owner", "one")]
 
-    await revoke_agent(rig, "notify")
+    await revoke_agent(rig, "notify", cli=True)
     await rig.decide(await rig.pending())
     done = await finished(rig, wf.id)
 
