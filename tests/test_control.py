@@ -4,6 +4,8 @@ compose project name, labelled the way deploy/compose.py labels agents."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
 import sys
@@ -325,3 +327,105 @@ async def test_the_operator_stops_and_starts_a_labelled_agent_container(
     finally:
         await service.stop()
         await backend.close()
+
+
+# --- the operator's command line --------------------------------------------------------
+
+# `mas` with these commands registered (mas/cli.py registers them once it calls register).
+MAS = ("from mas import cli; from mas.control_cli import register\n"
+       "if not any(g.name == 'control' for g in cli.app.registered_groups):\n"
+       "    register(cli.app, cli.agent_app)\n"
+       "cli.main()")
+
+
+async def mas(broker: RunningBroker, *args: str) -> tuple[int, str, str]:
+    env = {**os.environ, "MAS_ROOT": str(broker.project.root), "MAS_BROKER_URL": broker.url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MAS, *args, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_controls_agents_through_the_service(
+        local: tuple[ControlService, ProcessBackend], broker: RunningBroker) -> None:
+    _, backend = local
+    code, out, err = await mas(broker, "agent", "stop", "health")
+    assert (code, out.strip()) == (0, "health: stopped"), err
+    assert backend.children["health"].state == "stopped"
+    code, out, err = await mas(broker, "agent", "start", "health")
+    assert code == 0, err
+    assert out.startswith("health: running (pid ")
+    code, out, err = await mas(broker, "status", "--json")
+    assert code == 0, err
+    states = {a["agent"]: a["state"] for a in json.loads(out)["agents"]}
+    assert states["health"] == "running"
+    assert states["home"] == "running"
+    code, out, err = await mas(broker, "status")
+    assert code == 0, err
+    assert "health" in out
+    assert "running" in out
+    code, out, err = await mas(broker, "agent", "stop", "Nope!")
+    assert (code, out) == (1, "")
+    assert err.strip() == "mas: 'Nope!' is not an agent name (see `mas status`)"
+    code, out, err = await mas(broker, "agent", "restart", "nats")
+    assert code == 1
+    assert err.startswith("mas: refused (not_an_agent): 'nats' is not an agent")
+    assert len(err.strip().splitlines()) == 1
+
+
+async def test_the_cli_follows_an_agents_log(
+        local: tuple[ControlService, ProcessBackend], broker: RunningBroker) -> None:
+    _, backend = local
+    log_path = backend.children["home"].log_path
+    await eventually(lambda: log_path.exists() and b"hello" in log_path.read_bytes(),
+                     timeout=20, what="the agent's first line")
+    env = {**os.environ, "MAS_ROOT": str(broker.project.root), "MAS_BROKER_URL": broker.url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MAS, "logs", "home", "-f", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert first.startswith(b"hello from")
+        with log_path.open("a") as f:
+            f.write('{"event": "followed"}\n')
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b'{"event": "followed"}\n'
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_mas_control_run_serves_until_sigterm(
+        broker: RunningBroker, engine: tuple[Any, str, str], tmp_path: Path) -> None:
+    """The service as compose runs it (Docker backend), told its project by setting."""
+    _client, _image, project = engine
+    ready = tmp_path / "ready"
+    env = {**os.environ, "MAS_ROOT": str(broker.project.root), "MAS_BROKER_URL": broker.url,
+           "MAS_CONTROL_COMPOSE_PROJECT": project, "MAS_READY_FILE": str(ready)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MAS, "control", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await eventually(ready.exists, timeout=60, what="control's ready file")
+        code, out, err = await mas(broker, "status", "--json")
+        assert code == 0, err
+        assert {a["state"] for a in json.loads(out)["agents"]} == {"missing"}
+    finally:
+        proc.terminate()
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err_bytes.decode()[-2000:]
+    assert not ready.exists()
+
+
+async def test_a_bad_control_setting_is_one_line(broker: RunningBroker) -> None:
+    env = {**os.environ, "MAS_ROOT": str(broker.project.root), "MAS_BROKER_URL": broker.url,
+           "MAS_CONTROL_BACKEND": "kubernetes"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MAS, "control", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode().startswith("mas: bad setting MAS_CONTROL_BACKEND: ")
+    assert len(err.decode().strip().splitlines()) == 1

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import ssl
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -418,3 +420,28 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.host_port == ("0.0.0.0", 3128)  # noqa: S104 (compose's value)
     assert settings.ready_path == Path("/tmp/mas-ready")
 
+
+
+async def test_mas_egress_run_serves_until_sigterm(tmp_path: Path) -> None:
+    """The command compose runs, with compose's settings (on loopback here)."""
+    ready, port = tmp_path / "ready", free_port()
+    code = ("from mas import cli; from mas.control_cli import register\n"
+            "if not any(g.name == 'egress' for g in cli.app.registered_groups):\n"
+            "    register(cli.app, cli.agent_app)\n"
+            "cli.main()")
+    env = {**os.environ, "MAS_ROOT": str(REPO), "MAS_EGRESS_LISTEN": f"127.0.0.1:{port}",
+           "MAS_READY_FILE": str(ready)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "egress", "run", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await eventually(ready.exists, timeout=60, what="the proxy's ready file")
+        body = await refused(port, STRANGER, connect_head("homeassistant.local:443"))
+        assert b"unknown_client" in body
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not ready.exists()
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    assert [e["event"] for e in lines if e["event"] == "egress.decision"] == ["egress.decision"]
