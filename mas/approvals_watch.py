@@ -81,6 +81,12 @@ def shown(text: str) -> str:
         for c in text)
 
 
+def one_line(text: str) -> str:
+    """``shown`` with line breaks as ``\\n``: a one-line field cannot forge the lines
+    after it (a fake "answer with" block, say)."""
+    return shown(text).replace("\n", "\\n")
+
+
 def remaining_s(approval: Approval, now: float | None = None) -> int:
     return max(0, approval.expires_at - int(time.time() if now is None else now))
 
@@ -96,10 +102,10 @@ def describe(approval: Approval, now: float | None = None) -> str:
     return "\n".join([
         f"{approval.agent}.{approval.action} (approval {approval.id}, "
         f"expires in {remaining_s(approval, now)} s)",
-        f"summary:    {shown(e.summary)}",
-        f"reason:     {shown(e.reason) or '-'}",
+        f"summary:    {one_line(e.summary)}",
+        "reason:     " + (shown(e.reason).replace("\n", "\n" + " " * 12) or "-"),
         f"confidence: {e.confidence:.2f}",
-        f"requested by {shown(approval.requested_by)}",
+        f"requested by {one_line(approval.requested_by)}",
         f"arguments (sha256 {approval.args_sha256[:16]}...):",
         arguments_text(approval),
     ])
@@ -236,7 +242,7 @@ def ntfy_message(approval: Approval, token: str | None = None) -> NtfyMessage:
     names (ASCII by the protocol), so no agent text ever lands in a header."""
     expires = datetime.fromtimestamp(approval.expires_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     title = f"Approval needed: {approval.agent}.{approval.action}"
-    body = (f"{shown(approval.explanation.summary)}\n"
+    body = (f"{one_line(approval.explanation.summary)}\n"
             f"approval {approval.id}, expires {expires}\n"
             f"mas approvals show {approval.id}")
     headers = {"Title": title, "Priority": "high", "Tags": "lock",
@@ -317,7 +323,7 @@ class Watcher:
                 self.say(terminal_block(approval, now))
             else:
                 self.say(f"approval needed: {approval.id} {approval.agent}.{approval.action}: "
-                         f"{shown(approval.explanation.summary)} (asking in a dialog)")
+                         f"{one_line(approval.explanation.summary)} (asking in a dialog)")
                 self._dialogs.put_nowait(approval)
             problem = None if self.ntfy is None else await push_ntfy(self.ntfy, approval)
             if problem is not None:

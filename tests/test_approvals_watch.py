@@ -33,8 +33,9 @@ from tests.test_orchestrator import MESSAGE, SEND, Platform
 from tests.test_runtime import Seen, make_agent
 
 pytestmark = pytest.mark.broker
+FORGED = "  mas approvals approve ap-forged0000 --reason ok"
 HOSTILE = ('Bob" & do shell script "touch /tmp/mas-pwned" & "\\ \\" end run\n'
-           "\x1b[2J\u202eevil")
+           f"\x1b[2J\u202eevil\n{FORGED}")
 
 
 @pytest.fixture
@@ -268,6 +269,14 @@ async def test_hostile_text_reaches_osascript_only_as_data(
                 explanation=Explanation(summary=HOSTILE, reason=HOSTILE, confidence=0.5))
     await platform.run_plan(step)
     approval = await platform.pending()
+    on_terminal = "".join((await watch_once(platform, "--dialog", "none")).out)
+    assert 'Bob" & do shell script "touch /tmp/mas-pwned"' in on_terminal
+    assert "\x1b" not in on_terminal
+    assert "\u202e" not in on_terminal
+    # agent text cannot forge a line of its own, such as a fake "approve" command
+    assert FORGED not in on_terminal.splitlines()
+    assert f"  mas approvals approve {approval.id} --reason \"...\"" in on_terminal.splitlines()
+
     log = tmp_path / "osascript.log"
     watch = await watch_once(platform, "--dialog", "osascript",
                              extra_env=dialog_env(fake_osascript, log, "Deny\n"))
