@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import nats.js.errors
 import pytest
 from pydantic import BaseModel
 from structlog.testing import capture_logs
 
 from agents.runtime import ActionError, Agent, Context, Explanation
+from agents.runtime.ledger import PREFIX, RETAIN_S, SingleUseLedger, record_ttl
 from agents.runtime.service import AgentService
 from broker import subjects as subj
 from broker.connection import BrokerClient, reply_binding
@@ -23,9 +26,10 @@ from orchestrator.dispatch import AgentCaller
 from protocol.actions import REPLY, Completed, Failed, Refused
 from protocol.registry import Heartbeat
 from security.envelope import H_NONCE
+from security.errors import TokenExpired
 from security.keys import SigningKey
 from security.revocation import Revocation
-from security.tokens import TokenIssuer
+from security.tokens import DEFAULT_LEEWAY_S, MAX_LIFETIME_S, TokenIssuer, TokenVerifier
 from tests.conftest import ConnectAs, RunningBroker, eventually
 
 pytestmark = pytest.mark.broker
@@ -367,3 +371,57 @@ async def test_single_use_holds_across_replicas_of_a_stateful_agent(rig: Rig) ->
     assert isinstance(replay, Refused)
     assert replay.code == "token_replayed"
     assert [c for c in rig.seen.calls if c[0] == "send_message"] == [("send_message", "hi")]
+
+
+async def test_a_used_jti_is_remembered_by_every_replica_while_its_token_lives(
+    connect_as: ConnectAs,
+) -> None:
+    health = await connect_as("health")
+    kv = await health.nc.jetstream(timeout=3).create_key_value(
+        bucket=subj.kv_bucket("health"), history=1)
+    jti, exp = f"live-{uuid.uuid4().hex}", int(time.time()) + 60
+    assert await SingleUseLedger(kv).consume(jti, exp)
+    assert not await SingleUseLedger(kv).consume(jti, exp)  # another replica, or a restart
+    entry = await kv.get(PREFIX + jti)
+    assert entry.value == str(exp).encode()
+
+
+async def test_a_used_jti_leaves_the_bucket_once_its_token_cannot_verify(
+    rig: Rig, connect_as: ConnectAs,
+) -> None:
+    """The record carries a per-message TTL: the server removes it when the token it
+    records is past its expiry, leeway and skew margin; replaying that token then fails
+    on its expiry instead."""
+    health = await connect_as("health")
+    kv = await health.nc.jetstream(timeout=3).create_key_value(
+        bucket=subj.kv_bucket("health"), history=1)
+    now = int(time.time())
+    token, claims = rig.issuer.issue(audience="health", actions=["send_message"],
+                                     single_use=True, lifetime_s=60, now=now - 200)
+    assert record_ttl(claims.exp, now, retain_s=1) == 1
+    assert await SingleUseLedger(kv, retain_s=1).consume(claims.jti, claims.exp)
+    await kv.get(PREFIX + claims.jti)
+
+    async def gone() -> bool:
+        try:
+            await kv.get(PREFIX + claims.jti)
+        except nats.js.errors.KeyNotFoundError:
+            return True
+        return False
+
+    deadline = time.monotonic() + 20
+    while not await gone():
+        assert time.monotonic() < deadline, "the used-jti record was never removed"
+        await asyncio.sleep(0.2)
+    with pytest.raises(TokenExpired):
+        TokenVerifier(load_identity(rig.broker.secrets, "health").trust.issuer_ring(),
+                      issuer="orchestrator").verify(token, audience="health",
+                                                    action="send_message")
+
+
+def test_records_outlive_every_token_they_record() -> None:
+    now = time.time()
+    for lifetime in (1, 60, MAX_LIFETIME_S):
+        exp = int(now) + lifetime
+        assert now + record_ttl(exp, now, retain_s=0) > exp + DEFAULT_LEEWAY_S
+    assert record_ttl(int(now) + 5, now) == RETAIN_S
