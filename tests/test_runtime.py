@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 from structlog.testing import capture_logs
 
-from agents.runtime import ActionError, Agent, Context, Explanation
+from agents.runtime import ActionError, Agent, Context, Explanation, MemoryState, update_model
 from agents.runtime.ledger import PREFIX, RETAIN_S, SingleUseLedger, record_ttl
 from agents.runtime.service import AgentService
 from broker import subjects as subj
@@ -425,3 +425,41 @@ def test_records_outlive_every_token_they_record() -> None:
         exp = int(now) + lifetime
         assert now + record_ttl(exp, now, retain_s=0) > exp + DEFAULT_LEEWAY_S
     assert record_ttl(int(now) + 5, now) == RETAIN_S
+
+
+async def test_state_update_loses_no_increment_between_two_replicas(rig: Rig) -> None:
+    """Two replicas of a stateful agent bump one counter concurrently, each through its own
+    connection: every increment lands (compare-and-set on the entry's revision)."""
+    first = await rig.start("aggregator", stateful=True)
+    second = await rig.start("aggregator", stateful=True)
+    key = f"counter-{uuid.uuid4().hex}"
+    calls = 0
+
+    def bump(raw: bytes | None) -> bytes:
+        nonlocal calls
+        calls += 1
+        return str(int(raw or b"0") + 1).encode()
+
+    async def writer(service: AgentService) -> None:
+        state = service.context.state
+        assert state is not None
+        for _ in range(30):
+            await state.update(key, bump)
+
+    await asyncio.gather(writer(first), writer(second))
+    assert first.context.state is not None
+    assert await first.context.state.get(key) == b"60"
+    assert calls >= 60  # more when a write lost a race and was retried on the newer value
+
+
+async def test_update_model_reads_changes_and_writes_a_model() -> None:
+    state = MemoryState()
+
+    class Tally(BaseModel):
+        n: int = 0
+
+    def add(t: Tally | None) -> Tally:
+        return Tally(n=(t.n if t else 0) + 2)
+
+    assert (await update_model(state, "t", Tally, add)).n == 2
+    assert (await update_model(state, "t", Tally, add)).n == 4

@@ -17,12 +17,28 @@ from protocol.explain import Explanation
 M = TypeVar("M", bound=BaseModel)
 
 
+Change = Callable[[bytes | None], bytes]
+UPDATE_ATTEMPTS = 16
+
+
+class StateConflict(Exception):
+    """``State.update`` lost the race for a key more times than it retries."""
+
+
 class State(Protocol):
     """An agent's own key-value state (its ``agent_<name>`` KV bucket)."""
 
     async def get(self, key: str) -> bytes | None: ...
 
     async def put(self, key: str, value: bytes) -> None: ...
+
+    async def update(self, key: str, change: Change) -> bytes:
+        """Read-modify-write without lost updates: ``change`` gets the current value (None
+        when there is none) and returns the new one, which is written only if nobody
+        wrote the key in between; otherwise ``change`` runs again on the newer value (a
+        bounded number of times, then ``StateConflict``). Returns what was written.
+        ``change`` must be a pure function of its argument: it may run more than once."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 
@@ -39,6 +55,10 @@ class MemoryState:
     async def put(self, key: str, value: bytes) -> None:
         self.data[key] = value
 
+    async def update(self, key: str, change: Change) -> bytes:
+        self.data[key] = value = change(self.data.get(key))
+        return value
+
     async def delete(self, key: str) -> None:
         self.data.pop(key, None)
 
@@ -53,6 +73,16 @@ async def load_model(state: State, key: str, model: type[M]) -> M | None:
 
 async def save_model(state: State, key: str, value: BaseModel) -> None:
     await state.put(key, value.model_dump_json().encode())
+
+
+async def update_model(state: State, key: str, model: type[M],
+                       change: Callable[[M | None], M]) -> M:
+    """``State.update`` for a key holding a pydantic model."""
+    def apply(raw: bytes | None) -> bytes:
+        current = None if raw is None else model.model_validate_json(raw)
+        return change(current).model_dump_json().encode()
+
+    return model.model_validate_json(await state.update(key, apply))
 
 
 Publish = Callable[[str, BaseModel], Awaitable[None]]

@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ValidationError
 
-from agents.runtime.context import Context, Event
+from agents.runtime.context import UPDATE_ATTEMPTS, Change, Context, Event, StateConflict
 from agents.runtime.declare import ActionDef, ActionError, Agent, EventDef, PollDef
 from agents.runtime.feed import EventFeed, FeedSettings
 from agents.runtime.gate import CommandGate, Refusal, parse_args
@@ -358,6 +358,27 @@ class _KvState:
 
     async def put(self, key: str, value: bytes) -> None:
         await self.kv.put(key, value)
+
+    async def update(self, key: str, change: Change) -> bytes:
+        """Compare-and-set on the entry's revision (``create`` when there is none), so
+        replicas writing the same key never lose each other's updates."""
+        for _ in range(UPDATE_ATTEMPTS):
+            try:
+                entry = await self.kv.get(key)
+                current, revision = entry.value, entry.revision
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                current, revision = None, None
+            value = change(current)
+            try:
+                if revision is None:
+                    await self.kv.create(key, value)
+                else:
+                    await self.kv.update(key, value, last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                await asyncio.sleep(random.uniform(0, 0.01))  # noqa: S311 (jitter)
+                continue
+            return value
+        raise StateConflict(f"{key}: still changing after {UPDATE_ATTEMPTS} attempts")
 
     async def delete(self, key: str) -> None:
         await self.kv.delete(key)
