@@ -52,6 +52,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable outpu
 _AGE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 IDLE_S = 2.0
+PARALLEL_FROM = 20_000  # records
 
 
 def parse_since(text: str | None) -> float | None:
@@ -170,6 +171,8 @@ async def _verify_stream(project: Project, verifier: Verifier, show_progress: bo
         total = await reader.last_seq()
         with _progress(total, show_progress) as bar:
             task = bar.add_task("verify", total=total)
+            if total < PARALLEL_FROM:
+                verifier.jobs = min(verifier.jobs, 1)
             verifier.progress = lambda n: bar.advance(task, n)
             chunk: list[bytes] = []
             async for _, raw in reader.records():
@@ -190,12 +193,15 @@ def run_verify(project: Project, source: Path | None, checkpoints: Path | None, 
                ) -> tuple[Report, Path | None]:
     ring = orchestrator_ring(project)
     file_path, notes = checkpoint_notes(project, checkpoints)
+    if source is not None and not source.is_file():
+        raise BrokerError(f"{source} does not exist; export one with `mas audit export`")
+    if jobs <= 0:  # signature workers pay off only on long logs (each costs a process start)
+        long_log = source is not None and source.stat().st_size > PARALLEL_FROM * 600
+        jobs = (os.cpu_count() or 1) if long_log or source is None else 1
     verifier = Verifier(ring, notes, jobs=jobs)
     if source is None:
         asyncio.run(_verify_stream(project, verifier, show_progress, keep))
         return verifier.report, file_path
-    if not source.is_file():
-        raise BrokerError(f"{source} does not exist; export one with `mas audit export`")
     with _progress(None, show_progress):
         return verifier.run(_read_export(source)), file_path
 
@@ -207,13 +213,14 @@ def verify_cmd(
         "--input", help="Verify an exported JSON-lines file instead of the stream.")] = None,
     checkpoints: Annotated[Path | None, typer.Option(
         "--checkpoints", help="The orchestrator's checkpoint file.")] = None,
-    jobs: Annotated[int, typer.Option(help="Processes checking signatures.")] = 1,
+    jobs: Annotated[int, typer.Option(help="Processes checking signatures (0: one per CPU "
+                                      "on long logs).")] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Check every signature and link, that no record is missing, and the checkpoints;
     on failure say which record is the first bad one and why (exit 1)."""
     project = find_project(root)
-    report, file_path = run_verify(project, input_file, checkpoints, max(1, jobs),
+    report, file_path = run_verify(project, input_file, checkpoints, jobs,
                                    sys.stderr.isatty() and not as_json)
     first = report.first
     if as_json:

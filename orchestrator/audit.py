@@ -49,6 +49,13 @@ def signing_bytes(record: AuditRecord) -> bytes:
     return DOMAIN + canonical_json(record.model_dump(mode="json", exclude={"sig"}))
 
 
+def seal(unsigned: AuditRecord, key: SigningKey) -> tuple[AuditRecord, bytes]:
+    """Sign a record; returns it with ``sig`` and its stored bytes (canonical JSON), whose
+    SHA-256 is the next record's ``prev_hash``."""
+    record = unsigned.model_copy(update={"sig": b64url_encode(key.sign(signing_bytes(unsigned)))})
+    return record, canonical_json(record.model_dump(mode="json"))
+
+
 def stream_config() -> StreamConfig:
     return StreamConfig(
         name=subj.AUDIT_STREAM, subjects=[subj.AUDIT_SUBJECTS], storage=StorageType.FILE,
@@ -133,9 +140,7 @@ class AuditLog:
     async def _append(self, **fields: Any) -> AuditRecord:
         unsigned = AuditRecord(seq=self.last_seq + 1, ts=time.time(), prev_hash=self.head,
                                kid=self.key.kid, **fields)
-        record = unsigned.model_copy(
-            update={"sig": b64url_encode(self.key.sign(signing_bytes(unsigned)))})
-        data = canonical_json(record.model_dump(mode="json"))
+        record, data = seal(unsigned, self.key)
         subject = f"mas.audit.{record.kind}"
         with tracing.producer(self.client.identity, subject, data):
             headers = self.client.sealed_headers(subject, data)

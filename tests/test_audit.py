@@ -78,10 +78,12 @@ def written(fresh_broker: RunningBroker, tmp_path: Path) -> Written:
     return Written(fresh_broker, export, checkpoints, export.read_bytes().splitlines())
 
 
-def verify_copy(w: Written, lines: list[bytes], tmp_path: Path) -> tuple[int, str]:
+def verify_copy(w: Written, lines: list[bytes], tmp_path: Path, *options: str
+                ) -> tuple[int, str]:
     copy = tmp_path / "tampered.jsonl"
     copy.write_bytes(b"".join(line + b"\n" for line in lines))
-    return cli(w.broker, "verify", "--input", str(copy), "--checkpoints", str(w.checkpoints))
+    return cli(w.broker, "verify", "--input", str(copy), "--checkpoints", str(w.checkpoints),
+               *options)
 
 
 def resign(raw: bytes, key: SigningKey, **changes: object) -> bytes:
@@ -136,9 +138,10 @@ def test_tampering_is_found_at_the_right_record(written: Written, tmp_path: Path
     elif case == "truncated_tail":
         lines = lines[:30]  # cut after checkpoint 22; the file's checkpoints cover 32 and 35
         expected = 31
-    code, output = verify_copy(written, lines, tmp_path)
-    assert code == 1, output
-    assert f"FAILED verification at record {expected}:" in output, output
+    for jobs in ("1", "2"):  # in process, and with signature worker processes
+        code, output = verify_copy(written, lines, tmp_path, "--jobs", jobs)
+        assert code == 1, output
+        assert f"FAILED verification at record {expected}:" in output, output
 
 
 def test_without_a_checkpoint_file_a_changed_last_record_still_fails_its_signature(
