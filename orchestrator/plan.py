@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from protocol.actions import Name
 from protocol.explain import Explanation
+from security.encoding import CanonicalizationError, canonical_json
 
 MAX_STEPS = 16
 StepId = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9_\-]+$")]
@@ -136,6 +137,11 @@ def validate_plan(plan: Plan, catalog: Catalog) -> list[Step]:
             raise PlanRejected(f"step {step.id}: {where}: {exc.message}"[:300]) from None
         except jsonschema.SchemaError:
             raise PlanRejected(f"step {step.id}: the agent's input schema is invalid") from None
+        try:  # tokens and approvals hash the arguments; NaN or 2**64 would fail there
+            canonical_json(step.args)
+        except CanonicalizationError as exc:
+            raise PlanRejected(f"step {step.id}: arguments cannot be signed: {exc}"[:300]) \
+                from None
         missing = [d for d in step.after if d not in known]
         if missing:
             raise PlanRejected(f"step {step.id} waits for unknown step {missing[0]}")
