@@ -71,6 +71,19 @@ Handler = Callable[[SignedMessage], Awaitable[None]]
 RefusalHandler = Callable[[Msg, EnvelopeError], Awaitable[None]]
 
 
+class MessageTooLarge(BrokerError):
+    """Body and envelope headers together exceed the broker's ``max_payload``. nats-py
+    checks only the body, and nats-server answers an oversized message by closing the
+    whole connection, so the check is made here, before anything is sent."""
+
+
+def wire_size(data: bytes, headers: dict[str, str]) -> int:
+    """What nats-server counts against ``max_payload``: the header block nats-py writes
+    (``NATS/1.0``, one ``key: value`` line per header, a blank line) and the body."""
+    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4
+                                for k, v in headers.items())
+
+
 def _bytes(payload: Payload) -> bytes:
     return payload.model_dump_json().encode() if isinstance(payload, BaseModel) else payload
 
@@ -102,7 +115,12 @@ class BrokerClient:
         self.reconnect_hooks: list[Callable[[], Awaitable[None]]] = []
 
     def _headers(self, subject: str, data: bytes, token: str | None) -> dict[str, str]:
-        return tracecontext.inject(self.signer.seal(subject, data, token=token))
+        headers = tracecontext.inject(self.signer.seal(subject, data, token=token))
+        size, limit = wire_size(data, headers), self.nc.max_payload
+        if size > limit:
+            raise MessageTooLarge(f"message for {subject} is {size} bytes with its envelope; "
+                                  f"the broker takes at most {limit} (broker.max_payload)")
+        return headers
 
     def sealed_headers(self, subject: str, data: bytes) -> dict[str, str]:
         """Envelope headers for a message sent another way (a JetStream publish)."""
