@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import sys
 from pathlib import Path
@@ -184,6 +185,22 @@ def agent_restart(name: AgentArgument, root: RootOption = None) -> None:
     _act(name, wire.AGENT_RESTART, root)
 
 
+def _age(since: str) -> str:
+    """``2026-11-25T20:44:02.123456789Z`` -> ``5m`` (the table's "up" column)."""
+    try:
+        main = since.rstrip("Z").split(".", 1)[0].split("+", 1)[0]
+        started = dt.datetime.fromisoformat(main).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return ""
+    seconds = int((dt.datetime.now(dt.UTC) - started).total_seconds())
+    if seconds < 0 or started.year < 2000:  # Docker's zero time for never started
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def status(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Every agent's state, as control sees it (containers or local processes)."""
     async def go() -> wire.StatusReply:
@@ -195,11 +212,11 @@ def status(root: RootOption = None, as_json: JsonOption = False) -> None:
         typer.echo(reply.model_dump_json(indent=2))
         return
     table = Table(title="Agents")
-    for column in ("agent", "state", "health", "backend", "where", "since", "restarts"):
+    for column in ("agent", "state", "health", "backend", "where", "up", "restarts"):
         table.add_column(column, overflow="fold")
     for a in reply.agents:
-        table.add_row(a.agent, a.state, a.health or "", a.backend, a.ref, a.since,
-                      str(a.restarts))
+        up = _age(a.since) if a.state in ("running", "starting", "unhealthy") else ""
+        table.add_row(a.agent, a.state, a.health or "", a.backend, a.ref, up, str(a.restarts))
     out.print(table)
 
 
