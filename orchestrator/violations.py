@@ -13,6 +13,11 @@ install's ``secrets/nats/identities.conf`` when the orchestrator can read it, el
 agent named by the account (one account per agent). The client-chosen connection name
 is kept only as detail: anyone can claim any name. Failed logins name the nkey that was
 tried; an unknown one is recorded as ``unknown``.
+
+A rogue client can make the server log violations as fast as it can send, and the
+audit stream refuses writes when full, so each identity gets at most ``BURST`` records
+per ``WINDOW_S``; what is over is counted and recorded as one ``suppressed`` record when
+the window ends.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,8 @@ from orchestrator.audit import AuditLog
 log = structlog.get_logger("mas.audit")
 NATS_LOG_ENV = "MAS_NATS_LOG"
 POLL_S = 0.2
+BURST = 20
+WINDOW_S = 60.0
 MAX_LINE = 4096
 
 _PREFIX = r"\[\d+\] (?P<time>\S+ \S+) \[(?:ERR|WRN|INF)\] (?P<addr>\S+) - cid:(?P<cid>\d+)"
@@ -104,6 +112,7 @@ class BrokerLogWatcher:
         self.nkeys = nkeys
         self.position = 0
         self._task: asyncio.Task[None] | None = None
+        self._window: dict[str, tuple[float, int, int]] = {}  # identity: (start, kept, over)
 
     @classmethod
     async def start(cls, audit: AuditLog, material: IdentityMaterial,
@@ -145,17 +154,39 @@ class BrokerLogWatcher:
         return [line.decode("utf-8", "replace")[:MAX_LINE]
                 for line in chunk[:complete].splitlines()]
 
+    async def _close_windows(self, now: float) -> None:
+        """End the windows older than WINDOW_S, recording what each suppressed."""
+        for identity, (start, _, over) in list(self._window.items()):
+            if now - start < WINDOW_S:
+                continue
+            del self._window[identity]
+            if over:
+                await self.audit.record("violation", identity, "suppressed", "refused",
+                                        code="rate_limited",
+                                        detail={"suppressed": over, "window_s": WINDOW_S})
+
+    def _admit(self, identity: str, now: float) -> bool:
+        """Whether this identity's next refusal gets a record of its own."""
+        start, kept, over = self._window.get(identity, (now, 0, 0))
+        admitted = kept < BURST
+        self._window[identity] = (start, kept + admitted, over + (not admitted))
+        return admitted
+
     async def poll(self) -> int:
-        """Audit the refusals logged since the last poll; returns how many."""
+        """Audit the refusals logged since the last poll; returns how many were seen."""
         count = 0
+        await self._close_windows(time.monotonic())
         for line in await asyncio.to_thread(self._read_new):
             event = parse_line(line)
             if event is None:
                 continue
             count += 1
+            identity = identity_of(event, self.nkeys)
+            if not self._admit(identity, time.monotonic()):
+                continue
             await self.audit.record(
                 "violation" if event.kind == "violation" else "auth_failure",
-                identity_of(event, self.nkeys), event.operation, "refused",
+                identity, event.operation, "refused",
                 code=f"{event.operation}_refused",
                 detail={"subject": event.subject, "nkey": event.nkey,
                         "account": event.account, "client_name": event.client[:128],

@@ -24,6 +24,7 @@ from broker.errors import BrokerError
 from broker.secrets import load_identity
 from mas.audit_cli import audit_app
 from orchestrator import checkpoint as cp
+from orchestrator import violations
 from orchestrator.audit import DOMAIN, AuditLog
 from orchestrator.service import Orchestrator
 from protocol.audit import AuditRecord
@@ -276,3 +277,36 @@ def test_tail_filters_and_report_summarises_the_period(written: Written) -> None
     code, output = cli(written.broker, "export", "--since", "yesterday-ish")
     assert code == 1
     assert "is not a date or an age" in output, output
+
+
+async def test_a_flood_of_violations_cannot_fill_the_audit_log(
+        fresh_broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAS_NATS_LOG", str(fresh_broker.server.log_file))
+    monkeypatch.setattr(violations, "WINDOW_S", 2.0)
+    orch = Orchestrator(fresh_broker.project.policy(),
+                        load_identity(fresh_broker.secrets, "orchestrator"), fresh_broker.url)
+    await orch.start()
+    rogue = await connection.connect(load_identity(fresh_broker.secrets, "notify"),
+                                     fresh_broker.url, max_reconnect_attempts=0)
+    try:
+        flood = 3 * violations.BURST
+        for i in range(flood):
+            await rogue.nc.publish(f"mas.agent.home.x{i}", b"{}")
+        await rogue.nc.flush()
+        js = orch.client.nc.jetstream()
+        summary: list[AuditRecord] = []
+        for _ in range(100):
+            last = (await js.stream_info(subj.AUDIT_STREAM)).state.last_seq
+            records = [AuditRecord.model_validate_json(
+                (await js.get_msg(subj.AUDIT_STREAM, seq=s)).data) for s in range(1, last + 1)]
+            summary = [r for r in records if r.action == "suppressed"]
+            if summary:
+                break
+            await asyncio.sleep(0.1)
+        kept = [r for r in records if r.kind == "violation" and r.action == "publish"]
+        assert len(kept) == violations.BURST
+        assert [(r.identity, r.detail["suppressed"]) for r in summary] == [
+            ("notify", flood - violations.BURST)]
+    finally:
+        await rogue.close()
+        await orch.stop()
