@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from broker import subjects as subj
-from broker.connection import SignedMessage, connect
+from broker.connection import MessageTooLarge, SignedMessage, connect
 from broker.discovery import Discovery, EndpointSpec, package_version
 from broker.policy import Policy
 from broker.revocations import RevocationAuthority
@@ -50,6 +50,7 @@ from security.tokens import TokenIssuer
 log = structlog.get_logger("mas.orchestrator")
 OPERATOR = "operator"
 SWEEP_S = 2.0
+MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 
 
 class WorkflowList(BaseModel):
@@ -149,7 +150,12 @@ class Orchestrator:
                             code=answer.code)
             if msg.reply:
                 with contextlib.suppress(Exception):
-                    await self.client.respond(msg, answer)
+                    try:
+                        await self.client.respond(msg, answer)
+                    except MessageTooLarge as exc:  # say so rather than leave it to time out
+                        log.warning("orchestrator.answer_too_large", subject=subject)
+                        await self.client.respond(msg, AdminError(
+                            code="answer_too_large", reason=f"{exc}; ask for less (one id)"[:500]))
         return serve
 
     async def _bad_envelope(self, msg: Msg, error: EnvelopeError) -> None:
@@ -189,6 +195,8 @@ class Orchestrator:
     async def _token_request(self, msg: SignedMessage) -> BaseModel:
         """An agent asks for a sensitive action: it becomes a one-step workflow that
         waits for the operator, and the answer names the approval."""
+        if len(msg.data) > MAX_TOKEN_REQUEST_BYTES:  # it is stored, listed and shown to a human
+            raise Refusal("too_large", f"a token request may be {MAX_TOKEN_REQUEST_BYTES} bytes")
         request = TokenRequest.model_validate_json(msg.data)
         if request.agent != msg.sender:
             raise Refusal("wrong_sender", f"{msg.sender} cannot ask in {request.agent}'s name")
