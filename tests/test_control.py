@@ -303,8 +303,18 @@ async def test_the_operator_stops_and_starts_a_labelled_agent_container(
         assert health.status == "running"
 
         logs = await ok(operator, wire.LOGS, wire.LogsRequest(agent="health"), wire.LogsReply)
-        assert logs.lines[:1] == ["hello from health"]
+        assert logs.lines == ["hello from health"] * 2  # started twice
         assert logs.cursor
+        await ok(operator, wire.AGENT_RESTART, wire.AgentRequest(agent="health"),
+                 wire.AgentStatus)
+        follow = wire.LogsRequest(agent="health", cursor=logs.cursor)
+        for _ in range(100):  # the restarted container writes its line when it gets to it
+            newer = await ok(operator, wire.LOGS, follow, wire.LogsReply)
+            if newer.lines:
+                break
+            await asyncio.sleep(0.2)
+        assert newer.lines == ["hello from health"]  # only what came after the cursor
+        assert newer.cursor != logs.cursor
         status = await ok(operator, wire.STATUS, wire.StatusRequest(), wire.StatusReply)
         states = {s.agent: s.state for s in status.agents}
         assert states["health"] == "running"
