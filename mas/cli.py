@@ -25,6 +25,7 @@ from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
 from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
+from mas.control_cli import register as register_control
 from mas.local import LocalService, start_services
 from mas.ops_cli import (
     approvals_app,
@@ -45,6 +46,7 @@ app.add_typer(orchestrator_app, name="orchestrator")
 app.add_typer(approvals_app, name="approvals")
 app.add_typer(workflow_app, name="workflow")
 app.add_typer(tokens_app, name="tokens")
+register_control(app, agent_app)
 
 out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[

@@ -1,8 +1,9 @@
-"""Local mode: the orchestrator and the agents as child processes of `mas up`.
+"""Local mode: the orchestrator and control as child processes of `mas up`; control
+runs the agents (`mas agent run NAME`) as its own children.
 
-Each runs the same command its container runs (`mas orchestrator run`, `mas agent run
-NAME`), with its output in data/logs/<name>.log. A child that exits is restarted a few
-times with a growing pause, like compose's `restart: on-failure:5`.
+Each runs the same command its container runs, with its output in
+data/logs/<name>.log. A child that exits is restarted a few times with a growing pause,
+like compose's `restart: on-failure:5`.
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def start_services(project: Project, url: str, policy: Policy) -> list[LocalServ
     logs = project.data_dir / "logs"
     services = [LocalService("orchestrator", [_mas(), "orchestrator", "run"], env,
                              logs / "orchestrator.log", project.root)]
-    services += [LocalService(name, [_mas(), "agent", "run", name], env, logs / f"{name}.log",
-                              project.root) for name in agents_with_code(project, policy)]
+    # control starts and supervises the agents, so `mas agent stop|start|restart` and
+    # `mas status` work the same here as with containers
+    services.append(LocalService("control", [_mas(), "control", "run", "--processes"], env,
+                                 logs / "control.log", project.root))
     for service in services:
         service.start()
     return services
