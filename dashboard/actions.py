@@ -1,0 +1,172 @@
+"""The dashboard's controls, each over the operator's signed broker path.
+
+Approvals, revocations and workflow runs go to the orchestrator through
+``mas.ops_cli.OperatorSession``, the very object the CLI uses: a decision is signed with
+the operator key by ``OperatorSession.decide`` exactly as for ``mas approvals approve``.
+Agent start/stop/restart, status and logs go to the control service on
+``mas.control.*``; its wire models live in ``protocol.control``, loaded at run time so
+that the dashboard still works (without those controls) where control is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import BrokerError
+from mas.ops_cli import OperatorSession
+from orchestrator.service import WorkflowList
+from orchestrator.workflows import Workflow
+from protocol import admin
+from protocol.approvals import AdminError, Approval, ApprovalId, ApprovalList, ApprovalQuery
+
+CONTROL_IDENTITY = "control"
+AgentAction = Literal["start", "stop", "restart"]
+M = TypeVar("M", bound=BaseModel)
+RUN_WAIT_S = 3.0
+
+
+class ActionFailed(Exception):
+    """A control the broker side refused or did not answer; ``str()`` is one line."""
+
+
+class DecideForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class RevokeForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["jti", "agent"]
+    target: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+    reason: Annotated[str, Field(max_length=500)] = ""
+    lift: bool = False
+
+
+class RunForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request: Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+def control_protocol() -> ModuleType | None:
+    """``protocol.control`` when the control service is installed, else None (the seam
+    for builds without it: the agent controls then answer 501)."""
+    try:
+        return importlib.import_module("protocol.control")
+    except ImportError:
+        return None
+
+
+class Controls:
+    def __init__(self, session: OperatorSession) -> None:
+        self.session = session
+
+    async def approval(self, approval_id: str) -> Approval:
+        try:
+            query = ApprovalQuery(id=approval_id)
+        except ValidationError:
+            raise ActionFailed(f"{approval_id!r} is not an approval id") from None
+        [found] = (await self._ask(admin.APPROVALS_LIST, query, ApprovalList)).approvals
+        return found
+
+    async def decide(self, approval_id: ApprovalId, decision: Literal["approve", "deny"],
+                     form: DecideForm) -> Approval:
+        """Fetch the approval, then sign the decision for exactly its argument hash."""
+        approval = await self.approval(approval_id)
+        if approval.status != "pending":
+            raise ActionFailed(f"approval {approval.id} is {approval.status}, not pending")
+        try:
+            return await self.session.decide(approval, decision, form.reason)
+        except BrokerError as exc:
+            raise ActionFailed(str(exc)) from None
+
+    async def revoke(self, form: RevokeForm) -> str:
+        request = admin.RevokeRequest(kind=form.kind, target=form.target, reason=form.reason,
+                                      lift=form.lift)
+        return (await self._ask(admin.REVOKE, request, admin.Ok)).detail
+
+    async def run(self, form: RunForm) -> Workflow:
+        # a few seconds, so the answer usually says where it stands (waiting for approval)
+        request = admin.WorkflowRunRequest(request=form.request, wait_s=RUN_WAIT_S)
+        [wf] = (await self._ask(admin.WORKFLOWS_RUN, request, WorkflowList,
+                                timeout=30)).workflows
+        return wf
+
+    async def pending(self) -> list[Approval]:
+        return await self.session.pending()
+
+    async def workflows(self) -> list[Workflow]:
+        return (await self._ask(admin.WORKFLOWS_LIST, admin.WorkflowQuery(),
+                                WorkflowList)).workflows
+
+    async def _ask(self, subject: str, payload: BaseModel, answer: type[M],
+                   timeout: float = 10.0) -> M:
+        try:
+            return await self.session.ask(subject, payload, answer, timeout)
+        except BrokerError as exc:
+            raise ActionFailed(str(exc)) from None
+
+    # control (mas.control.*): answered by the control identity, not the orchestrator
+
+    async def agent(self, agent: str, action: AgentAction) -> dict[str, Any]:
+        wire = self._control()
+        subject = {"start": wire.AGENT_START, "stop": wire.AGENT_STOP,
+                   "restart": wire.AGENT_RESTART}[action]
+        return await self._ask_control(subject, _parse(wire.AgentRequest, agent=agent),
+                                       wire.AgentStatus, timeout=60)
+
+    async def status(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        wire = self._control()
+        reply = await self._ask_control(wire.STATUS, wire.StatusRequest(), wire.StatusReply,
+                                        timeout=timeout)
+        agents: list[dict[str, Any]] = reply["agents"]
+        return agents
+
+    async def logs(self, agent: str, tail: int = 200, cursor: str | None = None
+                   ) -> dict[str, Any]:
+        wire = self._control()
+        return await self._ask_control(
+            wire.LOGS, _parse(wire.LogsRequest, agent=agent, tail=tail, cursor=cursor),
+            wire.LogsReply)
+
+    @staticmethod
+    def _control() -> ModuleType:
+        wire = control_protocol()
+        if wire is None:
+            raise ControlMissing("this build has no control service (protocol.control)")
+        return wire
+
+    async def _ask_control(self, subject: str, payload: BaseModel, answer: type[BaseModel],
+                           timeout: float = 10.0) -> dict[str, Any]:
+        try:
+            reply = await self.session.client.request(subject, payload, timeout=timeout)
+        except Exception as exc:
+            raise ActionFailed(f"control did not answer on {subject} ({type(exc).__name__}); "
+                               "is the control service running?") from None
+        if reply.sender != CONTROL_IDENTITY:
+            raise ActionFailed(f"answer signed by {reply.sender}, not control")
+        try:
+            error = AdminError.model_validate_json(reply.data)
+        except ValidationError:
+            parsed: dict[str, Any] = answer.model_validate_json(reply.data).model_dump(
+                mode="json")
+            return parsed
+        raise ActionFailed(f"control refused ({error.code}): {error.reason}")
+
+
+def _parse(model: type[BaseModel], **fields: Any) -> BaseModel:
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ActionFailed(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+class ControlMissing(ActionFailed):
+    """The control service's protocol is not part of this build."""
