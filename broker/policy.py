@@ -88,6 +88,9 @@ class Agent(_Strict):
     state: bool = False
     state_limit: str = "64m"
     egress: list[str] = Field(default_factory=list)
+    # LAN services the egress proxy may reach for this agent, as NAME:PORT, over plain
+    # HTTP or CONNECT: the one exception to "public addresses on port 443 only"
+    egress_lan: list[str] = Field(default_factory=list)
     actions: dict[ActionName, Action] = Field(min_length=1)
     publish: list[str] = Field(default_factory=list)
     subscribe: list[str] = Field(default_factory=list)
@@ -198,12 +201,19 @@ Problem = tuple[tuple[str | int, ...], str]
 def _check_agent(name: str, agent: Agent, agents: dict[str, Agent]) -> list[Problem]:
     problems: list[Problem] = []
     here: tuple[str | int, ...] = ("agents", name)
-    if agent.tier is Tier.scoped and not agent.egress:
+    if agent.tier is Tier.scoped and not agent.egress and not agent.egress_lan:
         problems.append(((*here, "tier"), f"agent {name} is in the scoped tier but lists no "
                          "egress hosts: add `egress: [host.example]` or choose tier isolated"))
-    if agent.tier is not Tier.scoped and agent.egress:
-        problems.append(((*here, "egress"), f"agent {name} lists egress hosts but its tier is "
-                         f"{agent.tier.value}: only the scoped tier uses an allowlist"))
+    for key in ("egress", "egress_lan"):
+        if agent.tier is not Tier.scoped and getattr(agent, key):
+            problems.append(((*here, key), f"agent {name} lists {key} hosts but its tier is "
+                             f"{agent.tier.value}: only the scoped tier uses an allowlist"))
+    for i, spec in enumerate(agent.egress_lan):
+        host, sep, port = spec.rpartition(":")
+        if not sep or not _HOSTNAME.match(host) or not port.isdigit() \
+                or not 0 < int(port) < 65536:
+            problems.append(((*here, "egress_lan", i), f"LAN host {spec!r} must be NAME:PORT, "
+                             "e.g. homeassistant.local:8123"))
     for i, host in enumerate(agent.egress):
         if not _HOSTNAME.match(host):
             problems.append(((*here, "egress", i), f"egress host {host!r} is not a DNS name "

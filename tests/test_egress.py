@@ -382,8 +382,13 @@ def test_rules_from_the_repository_policy() -> None:
     assert rules.agents == ["home"]  # the only scoped agent
     assert rules.decide("home", "HomeAssistant.local.", 443, tunnel=True) == Destination(
         "homeassistant.local", 443)
+    # plain HTTP only to the LAN entry the policy opts into (egress_lan), on its port
     assert rules.decide("home", "homeassistant.local", 443, tunnel=False) == Refused(
-        "plain_http_not_allowed")
+        "port_not_allowed")
+    assert rules.decide("home", "homeassistant.local", 8123, tunnel=False) == Destination(
+        "homeassistant.local", 8123, lan=True)
+    assert rules.decide("home", "homeassistant.local", 8080, tunnel=False) == Refused(
+        "port_not_allowed")
     assert rules.decide("health", "homeassistant.local", 443, tunnel=True) == Refused(
         "host_not_allowed")
     assert rules.decide("home", "sub.homeassistant.local", 443, tunnel=True) == Refused(

@@ -498,3 +498,22 @@ def test_subject_conventions() -> None:
     assert subj.inbox_prefix("health") == "_INBOX_health"
     assert subj.kv_bucket("health") == "agent_health"
     assert subj.within(subj.command("health", "x"), subj.commands("health"))
+
+
+def test_scoped_agent_with_only_a_lan_host_is_valid(tmp_path: Path) -> None:
+    text = variant({23: "    tier: scoped\n    egress_lan: [homeassistant.local:8123]"})
+    assert load_policy(write(tmp_path, text)).agents["aggregator"].egress_lan == [
+        "homeassistant.local:8123"]
+
+
+def test_lan_hosts_on_a_non_scoped_agent(tmp_path: Path) -> None:
+    text = variant({17: "    tier: full\n    egress_lan: [nas.local:5000]"})
+    assert_refused(tmp_path, text, 18, "lists egress_lan hosts but its tier is full")
+
+
+@pytest.mark.parametrize("spec", ["homeassistant.local", "nas.local:0", "nas.local:99999",
+                                  "10.0.0.1:80", "http://nas.local:80"])
+def test_lan_host_must_be_name_and_port(tmp_path: Path, spec: str) -> None:
+    text = variant({10: f'    tier: scoped\n    egress: [example.com]\n    egress_lan:\n'
+                        f'      - "{spec}"'})
+    assert_refused(tmp_path, text, 13, repr(spec), "must be NAME:PORT")
