@@ -31,6 +31,7 @@ from orchestrator.audit import AuditLog
 from orchestrator.dispatch import AgentCaller
 from orchestrator.engine import Engine
 from orchestrator.errors import Refusal
+from orchestrator.feeds import FeedRecorder
 from orchestrator.plan import Plan, Planner, PlanRejected, Step
 from orchestrator.planners.offline import OfflinePlanner
 from orchestrator.planners.workflow_files import Workflow as WorkflowFile
@@ -107,16 +108,37 @@ class Orchestrator:
                 subject, self._endpoint(subject, handler)), queue="orchestrator",
                                    on_refused=self._bad_envelope)
         await self.discovery.start()
+        feeds = FeedRecorder(self.audit_log.record)
+        for subject in feeds.subjects:
+            await client.subscribe(subject, feeds.on_message, queue="orchestrator")
         if self.library is not None:
             self.triggers = Triggers(self.library, self._launch, self.engine.load)
             await client.subscribe(EVENTS, self._on_event, queue="orchestrator")
             self._tasks.append(asyncio.create_task(self.triggers.run_schedule()))
         await client.sync()
         resumed = await self.engine.resume_all()
+        client.reconnect_hooks.append(self._resume_after_reconnect)
         self._tasks.append(asyncio.create_task(self._sweep_loop()))
         await self.audit_log.record("system", "orchestrator", "start", "info",
                                     detail={"resumed": resumed})
         log.info("orchestrator.ready", resumed=resumed)
+
+    async def _resume_after_reconnect(self) -> None:
+        """A broker outage can end a workflow's advance half way (its writes failed while
+        the broker was gone): pick up every unfinished one again, as after a restart.
+        Advances of one workflow take turns, so one still under way is not doubled."""
+        self._tasks.append(asyncio.create_task(self._resume_soon()))
+
+    async def _resume_soon(self) -> None:
+        for delay in (0.0, 1.0, 2.0, 4.0, 8.0):  # JetStream may need a moment after a restart
+            await asyncio.sleep(delay)
+            try:
+                resumed = await self.engine.resume_all()
+            except Exception as exc:
+                log.warning("orchestrator.resume_failed", error=type(exc).__name__)
+                continue
+            log.info("orchestrator.resumed_after_reconnect", resumed=resumed)
+            return
 
     async def stop(self) -> None:
         for task in self._tasks:

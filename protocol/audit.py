@@ -26,6 +26,7 @@ AuditKind = Literal[
     "auth_failure",       # the broker refused a login
     "workflow",
     "alert",
+    "control",            # control started, stopped or restarted an agent
     "system",
     "checkpoint",         # a signed note (``detail.note``) over the records before it
 ]
