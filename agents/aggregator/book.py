@@ -15,7 +15,7 @@ from weakref import WeakKeyDictionary
 from agents.aggregator.gist import Origin, gist
 from agents.aggregator.models import DayIndex, DayLog, Digest, Item
 from agents.aggregator.settings import AggregatorSettings
-from agents.runtime import State, load_model, save_model
+from agents.runtime import State, load_model, save_model, update_model
 
 PREFIX = "digest."
 INDEX = "digest-days"
@@ -48,14 +48,19 @@ class DayBook:
         """Count one message (and keep its summary if it has one). False if its day is
         older than the days kept."""
         at = self.local(ts)
-        async with self._lock():
-            log = await load_model(self.state, day_key(at.date()), DayLog)
-            if log is None:
-                if not await self._open(at.date()):
-                    return False
-                log = DayLog(day=at.date())
+        key = day_key(at.date())
+
+        def added(log: DayLog | None) -> DayLog:  # may run again if a replica wrote first
+            log = DayLog(day=at.date()) if log is None else log.model_copy(deep=True)
             self._add(log, where, data, sender, at)
-            await save_model(self.state, day_key(log.day), log)
+            return log
+
+        async with self._lock():
+            if await load_model(self.state, key, DayLog) is None \
+                    and not await self._open(at.date()):
+                return False
+            # compare-and-set: replicas (`--scale aggregator=2`) share the bucket
+            await update_model(self.state, key, DayLog, added)
         return True
 
     def _add(self, log: DayLog, where: Origin, data: bytes, sender: str, at: datetime) -> None:
