@@ -99,7 +99,8 @@ class Controls:
         return wf
 
     async def pending(self) -> list[Approval]:
-        return await self.session.pending()
+        return (await self._ask(admin.APPROVALS_LIST, ApprovalQuery(status="pending"),
+                                ApprovalList)).approvals
 
     async def workflows(self) -> list[Workflow]:
         return (await self._ask(admin.WORKFLOWS_LIST, admin.WorkflowQuery(),

@@ -201,7 +201,13 @@ class Feed:
 
     async def _poll_loop(self) -> None:
         while True:
-            await self._poll_once()
+            try:
+                await self._poll_once()
+            except Exception as exc:  # one bad answer must not end the live view
+                log.warning("dashboard.poll_failed", error=type(exc).__name__)
+                self._problem("poll", f"{type(exc).__name__}; see the dashboard's log")
+            else:
+                self._problem("poll", None)
             self._bump()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.interval_s)
@@ -302,7 +308,10 @@ class Feed:
                     "state": ("running" if hb.state == "ready" else hb.state)
                     if now - at <= self.heartbeat_stale_s else "silent"})
             status = self.control_status.get(name)
-            if status is not None:
+            beating = view.source == "heartbeat" and view.state == "running"
+            if status is not None and not (beating and status.get("state") == "missing"):
+                # control's word, unless it does not manage an agent that is plainly alive
+                # (started by hand, outside control)
                 view = view.model_copy(update={
                     "state": status.get("state", view.state), "health": status.get("health"),
                     "ref": status.get("ref", ""), "restarts": status.get("restarts", 0),

@@ -41,6 +41,8 @@ def ensure_secret(layout: SecretsLayout) -> LoginSecret:
     """The login secret, created if missing (0600, O_EXCL: never replaces a file)."""
     path = secret_path(layout)
     created = False
+    if not layout.root.is_dir():
+        raise SecretsError(f"no secrets folder at {layout.root}; run `mas init` first")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:

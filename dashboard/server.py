@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import structlog
@@ -67,6 +69,16 @@ def monitor_url(project: Project) -> str:
     return os.environ.get(MONITOR_ENV) or f"http://{project.policy().broker.monitor}"
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: it would re-raise SIGINT after a graceful
+    stop (a KeyboardInterrupt); ``DashboardServer.run`` handles SIGINT/SIGTERM itself, and
+    a server started by a test leaves the test runner's signals alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 @dataclass
 class DashboardServer:
     project: Project
@@ -102,7 +114,7 @@ class DashboardServer:
         config = uvicorn.Config(self.dashboard.app, host=self.host.strip("[]"), port=self.port,
                                 log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, server_header=False)
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self.task.done():
@@ -128,6 +140,9 @@ class DashboardServer:
         self.port = int(sock.getsockname()[1])
         return sock
 
+    def _exit(self) -> None:
+        self.server.should_exit = True
+
     async def stop(self) -> None:
         if hasattr(self, "server"):
             self.server.should_exit = True
@@ -138,9 +153,14 @@ class DashboardServer:
         if hasattr(self, "session"):
             await self.session.close()
 
-    async def run(self) -> None:
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until uvicorn exits (it handles SIGINT/SIGTERM)."""
         await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._exit)
+        if on_ready is not None:
+            on_ready()
         try:
             await self.task
         finally:

@@ -114,7 +114,13 @@ class Sessions:
         self._by_id.pop(session_id, None)
 
     def alive(self, session_id: str) -> bool:
-        return session_id in self._by_id
+        """Still logged in (an open live stream counts as activity, up to the maximum age)."""
+        session = self._by_id.get(session_id)
+        if session is None or time.time() - session.created > MAX_AGE_S:
+            self._by_id.pop(session_id, None)
+            return False
+        session.seen = time.time()
+        return True
 
 
 class SecurityHeaders:

@@ -72,6 +72,10 @@ def run(
     project = find_project(root)
     server = DashboardServer(project, _broker_url(project), host=check_loopback(host),
                              port=port or default_port(), monitor=monitor or monitor_url(project))
-    out.print(f"dashboard at {server.url} (log in with the secret `mas dashboard --url` "
-              "prints); Ctrl-C stops it")
-    asyncio.run(server.run())
+
+    def ready() -> None:
+        out.print(f"dashboard at {server.url} (log in with the secret `mas dashboard --url` "
+                  "prints); Ctrl-C stops it")
+
+    asyncio.run(server.run(ready))
+    out.print("dashboard stopped")

@@ -6,13 +6,18 @@ Debian's Chromium through Playwright and watches an approval appear and go live.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -20,6 +25,8 @@ import pytest
 from agents.runtime.service import AgentService
 from broker.connection import BrokerClient
 from broker.secrets import load_identity, load_trust
+from control.process_backend import ProcessBackend
+from control.service import ControlService
 from dashboard.login import ensure_secret, secret_path
 from dashboard.server import DashboardServer
 from orchestrator.planners.offline import OfflinePlanner
@@ -27,7 +34,9 @@ from orchestrator.service import Orchestrator
 from orchestrator.workflows import Workflow
 from protocol.approvals import Approval
 from security.decisions import verify_decision
-from tests.conftest import ConnectAs, RunningBroker
+from tests.conftest import ConnectAs, RunningBroker, free_port
+from tests.test_cli import env as cli_env
+from tests.test_cli import read_until
 from tests.test_runtime import Seen, make_agent
 
 pytestmark = pytest.mark.broker
@@ -51,6 +60,9 @@ steps:
   - {id: note, agent: notify, action: notify_owner, args: {text: hello}}
 """,
 }
+# a stand-in agent process for control to supervise: says hello, then idles
+IDLER = [sys.executable, "-u", "-c",
+         "import os, time; print('hello from', os.getpid()); time.sleep(600)"]
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]+)"')
 CSRF_META = re.compile(r'name="csrf-token" content="([^"]+)"')
 
@@ -107,6 +119,29 @@ async def stack(fresh_broker: RunningBroker, connect_fresh: ConnectAs, tmp_path:
     await server.stop()
     await agent.stop()
     await orch.stop()
+
+
+@pytest.fixture
+async def control(stack: Stack, tmp_path: Path) -> AsyncIterator[ProcessBackend]:
+    """The control service in local mode, supervising a stand-in ``health`` process."""
+    backend = ProcessBackend({"health": IDLER}, env=dict(os.environ), cwd=tmp_path,
+                             logs_dir=tmp_path / "logs", stop_timeout_s=5)
+    service = ControlService(stack.broker.project.policy(),
+                             load_identity(stack.broker.secrets, "control"), stack.broker.url,
+                             backend)
+    await service.start()
+    await backend.start_all()
+    try:
+        yield backend
+    finally:
+        await service.stop()
+        await backend.close()
+
+
+async def agent_state(http: httpx2.AsyncClient, name: str) -> str:
+    snap = (await http.get("/api/snapshot")).json()
+    [agent] = [a for a in snap["agents"] if a["name"] == name]
+    return f"{agent['state']} via {agent['source']}"
 
 
 async def login(http: httpx2.AsyncClient, secret: str) -> str:
@@ -380,6 +415,89 @@ async def test_the_live_feed_shows_agents_throughput_audit_and_alerts(
                     break
 
 
+async def test_stop_start_and_logs_go_through_control(
+        stack: Stack, control: ProcessBackend) -> None:
+    async with client(stack) as http:
+        csrf = await login(http, stack.secret)
+
+        async def health_is(state: str) -> bool:
+            return await agent_state(http, "health") == f"{state} via control"
+
+        await wait_for("health running", lambda: health_is("running"))
+        refused = await http.post("/api/agents/health/stop")
+        assert refused.status_code == 403
+        await asyncio.sleep(0.5)
+        assert control.children["health"].state == "running"
+
+        stopped = await http.post("/api/agents/health/stop", headers={"X-CSRF-Token": csrf})
+        assert stopped.status_code == 200, stopped.text
+        assert stopped.json()["state"] == "stopped"
+        assert control.children["health"].state == "stopped"
+        await wait_for("health stopped", lambda: health_is("stopped"))
+        started = await http.post("/api/agents/health/start", headers={"X-CSRF-Token": csrf})
+        assert started.json()["state"] == "running"
+        await wait_for("health running again", lambda: health_is("running"))
+
+        async def hello() -> bool:
+            logs = await http.get("/api/agents/health/logs")
+            assert logs.status_code == 200, logs.text
+            return any("hello from" in line for line in logs.json()["lines"])
+
+        await wait_for("health's log", hello)
+        unknown = await http.post("/api/agents/nobody/stop", headers={"X-CSRF-Token": csrf})
+        assert unknown.status_code == 409
+        assert "not an agent" in unknown.json()["error"]
+        bad = await http.post("/api/agents/health/explode", headers={"X-CSRF-Token": csrf})
+        assert bad.status_code == 404
+
+
+# --- the command ------------------------------------------------------------------------------
+
+# `mas dashboard` until mas/cli.py registers it; the same typer app either way
+DASHBOARD_CMD = [sys.executable, "-c",
+                 "import sys; from mas.dashboard_cli import dashboard_app; dashboard_app()"]
+
+
+def test_dashboard_url_prints_the_address_and_the_login_secret(fresh_broker: RunningBroker
+                                                                ) -> None:
+    root = fresh_broker.project.root
+    shown = subprocess.run([*DASHBOARD_CMD, "--url", "--root", str(root), "--port", "9123"],
+                           env=cli_env(), capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert shown.returncode == 0, shown.stderr
+    secret = ensure_secret(fresh_broker.project.secrets)
+    assert shown.stdout.splitlines()[:2] == ["http://127.0.0.1:9123/",
+                                             f"login secret: {secret.value}"]
+    assert not secret.created
+
+
+async def test_dashboard_run_serves_until_interrupted(fresh_broker: RunningBroker) -> None:
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 (reads happen in a thread)
+        [*DASHBOARD_CMD, "run", "--root", str(fresh_broker.project.root), "--port", str(port),
+         "--monitor", "http://127.0.0.1:9"],
+        env={**cli_env(), "MAS_BROKER_URL": fresh_broker.url}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        ready = await asyncio.to_thread(read_until, proc, lines, "dashboard at", 60)
+        assert ready, (lines, proc.stderr.read() if proc.poll() is not None else "")
+        async with httpx2.AsyncClient(trust_env=False) as http:
+            page = await http.get(f"http://127.0.0.1:{port}/login")
+            assert page.status_code == 200
+            assert "Login secret" in page.text
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "dashboard stopped" in out
+    secret = ensure_secret(fresh_broker.project.secrets).value
+    assert secret not in out + err + "".join(lines)  # the secret never reaches the output
+
+
 # --- a real browser -------------------------------------------------------------------------
 
 def _browser_or_skip() -> None:
@@ -397,51 +515,85 @@ def _browser_or_skip() -> None:
         pytest.skip(problem)
 
 
-async def test_in_chromium_an_approval_appears_live_and_approving_completes_it(
-        stack: Stack, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def logged_in_page(stack: Stack) -> AsyncIterator[Any]:
+    """A Chromium page logged in to the dashboard through its login form."""
     _browser_or_skip()
     from playwright.async_api import async_playwright
 
-    shots = Path(os.environ.get("MAS_SCREENSHOTS", tmp_path / "screenshots"))
-    await asyncio.to_thread(shots.mkdir, parents=True, exist_ok=True)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(viewport={"width": 1440, "height": 900})
             await page.goto(f"{stack.url}/")
             assert page.url.endswith("/login")
-            await page.screenshot(path=str(shots / "login.png"))
             await page.fill("#secret", stack.secret)
             await page.click("#login")
             await page.wait_for_url(f"{stack.url}/")
             await page.wait_for_selector("#live.on", timeout=20_000)
-            await page.wait_for_selector('#agents tr[data-agent="notify"] .state.running',
-                                         timeout=20_000)
-            await page.evaluate("window.__sameDocument = true")
-            assert await page.locator(".approval").count() == 0
-
-            planner = stack.orch.planner
-            assert planner is not None
-            plan = await planner.plan("message-bob", stack.orch.registry.catalog())
-            wf = await stack.orch.engine.submit("message-bob", plan)
-            stack.orch.engine.start(wf.id)
-            card = page.locator(".approval")
-            await card.wait_for(timeout=20_000)  # arrived over SSE, no reload
-            assert "send_message" in await card.inner_text()
-            assert '"dinner at 8"' in await card.locator("pre.args").inner_text()
-            await page.screenshot(path=str(shots / "approval-pending.png"), full_page=True)
-
-            await card.locator('input[data-role="reason"]').fill("ok from the browser")
-            await card.locator("button.approve").click()
-            await card.wait_for(state="detached", timeout=20_000)
-            await page.wait_for_selector(f'#workflows tr[data-id="{wf.id}"] .state.completed',
-                                         timeout=20_000)
-            assert await page.evaluate("window.__sameDocument === true")  # never reloaded
-            await page.screenshot(path=str(shots / "approved.png"), full_page=True)
+            yield page
         finally:
             await browser.close()
+
+
+async def screenshots(tmp_path: Path) -> Path:
+    """Where screenshots go: $MAS_SCREENSHOTS, else the test's own folder."""
+    shots = Path(os.environ.get("MAS_SCREENSHOTS", tmp_path / "screenshots"))
+    await asyncio.to_thread(shots.mkdir, parents=True, exist_ok=True)
+    return shots
+
+
+async def test_in_chromium_an_approval_appears_live_and_approving_completes_it(
+        stack: Stack, tmp_path: Path) -> None:
+    shots = await screenshots(tmp_path)
+    async with logged_in_page(stack) as page:
+        await page.wait_for_selector('#agents tr[data-agent="notify"] .state.running',
+                                     timeout=20_000)
+        await page.evaluate("window.__sameDocument = true")
+        assert await page.locator(".approval").count() == 0
+
+        planner = stack.orch.planner
+        assert planner is not None
+        plan = await planner.plan("message-bob", stack.orch.registry.catalog())
+        wf = await stack.orch.engine.submit("message-bob", plan)
+        stack.orch.engine.start(wf.id)
+        card = page.locator(".approval")
+        await card.wait_for(timeout=20_000)  # arrived over SSE, no reload
+        assert "send_message" in await card.inner_text()
+        assert '"dinner at 8"' in await card.locator("pre.args").inner_text()
+        await page.screenshot(path=str(shots / "approval-pending.png"), full_page=True)
+
+        await card.locator('input[data-role="reason"]').fill("ok from the browser")
+        await card.locator("button.approve").click()
+        await card.wait_for(state="detached", timeout=20_000)
+        await page.wait_for_selector(f'#workflows tr[data-id="{wf.id}"] .state.completed',
+                                     timeout=20_000)
+        assert await page.evaluate("window.__sameDocument === true")  # never reloaded
+        await page.screenshot(path=str(shots / "approved.png"), full_page=True)
     assert stack.seen.calls == [("send_message", "dinner at 8")]
     stored = await stack.approval((await stack.workflow(wf.id)).steps["send"].approval_id or "")
     assert stored.decision is not None
     assert stored.decision.reason == "ok from the browser"
     print(f"screenshots in {shots}")
+
+
+async def test_in_chromium_stop_start_and_logs_of_an_agent(
+        stack: Stack, control: ProcessBackend, tmp_path: Path) -> None:
+    shots = await screenshots(tmp_path)
+    async with logged_in_page(stack) as page:
+        row = page.locator('#agents tr[data-agent="health"]')
+        await row.locator(".state.running").wait_for(timeout=20_000)
+        await row.get_by_role("button", name="stop", exact=True).click()
+        await page.locator('#agents tr[data-agent="health"] .state.stopped').wait_for(
+            timeout=20_000)
+        assert control.children["health"].state == "stopped"
+        await page.screenshot(path=str(shots / "agent-stopped.png"))
+        await page.locator('#agents tr[data-agent="health"]').get_by_role(
+            "button", name="start", exact=True).click()
+        await page.locator('#agents tr[data-agent="health"] .state.running').wait_for(
+            timeout=20_000)
+        await page.locator('#agents tr[data-agent="health"]').get_by_role(
+            "button", name="logs", exact=True).click()
+        await page.locator("#logs", has_text="hello from").wait_for(timeout=20_000)
+        await page.screenshot(path=str(shots / "agents-logs.png"), full_page=True)
+    assert control.children["health"].state == "running"

@@ -160,8 +160,8 @@ function drawChart(rates) {
     rates.forEach((r, i) => (i ? g.lineTo(x(i), y(r[key])) : g.moveTo(x(i), y(r[key]))));
     g.stroke();
   }
-  g.fillStyle = "#2a6fdb"; g.fillText("in", W - 60, 16);
-  g.fillStyle = "#d9822b"; g.fillText("out", W - 36, 16);
+  g.fillStyle = "#2a6fdb"; g.fillText("— in", W - 90, H - 8);
+  g.fillStyle = "#d9822b"; g.fillText("— out", W - 50, H - 8);
   const now = rates[rates.length - 1];
   $("rates").textContent = now ? `in ${now.in_msgs.toFixed(1)} msgs/s ` +
     `(${(now.in_bytes / 1024).toFixed(1)} KiB/s) · out ${now.out_msgs.toFixed(1)} msgs/s ` +
