@@ -1,7 +1,8 @@
 """Everything `mas policy compile` writes, and the drift check `--check` runs over it.
 
 The files, relative to the project root, in the order they are written and checked:
-``nats-server.conf``, ``compose.yaml``, then ``seccomp/<profile>.json`` for each profile.
+``nats-server.conf``, ``compose.yaml``, ``nats-compose.conf`` (what nats runs in compose:
+the first plus one monitoring address), then ``seccomp/<profile>.json`` for each profile.
 ``seccomp/`` holds only generated profiles: a ``*.json`` there that the policy no longer
 produces is reported as stale and removed by compile.
 """
@@ -14,7 +15,14 @@ from pathlib import Path
 from broker.compiler import CONFIG_NAME, compile_config, text_drift
 from broker.policy import Policy
 from deploy import seccomp
-from deploy.compose import COMPOSE_NAME, compose_document, render_compose, service_profiles
+from deploy.compose import (
+    COMPOSE_NAME,
+    MONITOR_CONFIG,
+    compose_document,
+    monitor_config,
+    render_compose,
+    service_profiles,
+)
 
 SECCOMP_DIR = "seccomp"
 
@@ -33,6 +41,7 @@ def compile_outputs(policy: Policy) -> list[Output]:
     outputs = [
         Output(CONFIG_NAME, compile_config(policy), f"{len(policy.identities())} identities"),
         Output(COMPOSE_NAME, render_compose(policy), f"{services} services"),
+        Output(MONITOR_CONFIG, monitor_config(policy), "nats in compose"),
     ]
     outputs += [Output(seccomp.profile_path(name), seccomp.render_profile(name),
                        f"seccomp profile {name!r}") for name in profiles]

@@ -6,13 +6,15 @@ namespace, mount, module, BPF, perf, keyring, ptrace, io_uring or clock-setting 
 ``clone`` only without namespace flags (the mask Docker's default uses); ``personality``
 only to query or keep PER_LINUX; sockets only for unix, IPv4 and IPv6.
 
-Two profiles:
+Three profiles:
 
-- ``agent``: clients only (agents, orchestrator, control, init). They connect out but
-  cannot ``bind``, ``listen`` or ``accept``, so a compromised agent cannot serve anything
-  on its network.
+- ``agent``: clients only (agents, orchestrator, control). They connect out but cannot
+  ``bind``, ``listen`` or ``accept``, so a compromised agent cannot serve anything on its
+  network.
 - ``server``: the processes that accept connections (nats-server, the egress proxy): the
   client set plus ``bind``, ``listen``, ``accept`` and ``accept4``.
+- ``init``: the one-shot init container (root, no network): the client set plus the
+  ``chown`` family, with which it hands each service's secret files to that service's uid.
 
 Both cover CPython with asyncio and OpenSSL, Go's runtime (nats-server, and runc's own
 init, which runs under the profile until it execs the entry point) and ``docker exec``
@@ -66,6 +68,7 @@ _CLIENT_SOCKETS = (
     "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown",
 )
 _SERVER_SOCKETS = ("bind", "listen", "accept", "accept4")
+_OWNERS = ("chown", "fchown", "fchownat", "lchown")
 
 # The escape and escalation surface: never allowed by either profile (checked below and by
 # the tests). Other calls (setuid, chown, mlock, ...) are simply not on the allow lists.
@@ -110,17 +113,20 @@ def _profiles() -> dict[str, Profile]:
     client = frozenset((*_PROCESS, *_MEMORY, *_THREADS_AND_SIGNALS, *_TIME, *_FILES, *_EVENTS,
                         *_CLIENT_SOCKETS))
     server = client | frozenset(_SERVER_SOCKETS)
-    found = (client | server) & FORBIDDEN
+    init = client | frozenset(_OWNERS)
+    found = (client | server | init) & FORBIDDEN
     if found:  # a guard for whoever edits the lists above
         raise AssertionError(f"forbidden syscalls in an allow list: {sorted(found)}")
     return {
-        "agent": Profile("agent", "clients: agents, orchestrator, control, init", client),
+        "agent": Profile("agent", "clients: agents, orchestrator, control", client),
         "server": Profile("server", "listeners: nats-server, the egress proxy", server),
+        "init": Profile("init", "the one-shot init, which hands secret files to other uids",
+                        init),
     }
 
 
 PROFILES = _profiles()
-AGENT, SERVER = "agent", "server"
+AGENT, SERVER, INIT = "agent", "server", "init"
 
 
 def profile_path(name: str) -> str:
