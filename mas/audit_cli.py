@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 import nats.errors
 import nats.js.errors
 import typer
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -53,6 +53,7 @@ _AGE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 IDLE_S = 2.0
 PARALLEL_FROM = 20_000  # records
+FETCH = 1000
 
 
 def parse_since(text: str | None) -> float | None:
@@ -97,7 +98,8 @@ def checkpoint_notes(project: Project, path: Path | None) -> tuple[Path | None, 
 
 
 class StreamReader:
-    """Records from the stream in order, through an ordered consumer (read-only grants)."""
+    """Records from the stream in order, with the operator's read-only grants: a pull
+    consumer to read up to the current end, an ordered push consumer to follow it."""
 
     def __init__(self, client: connection.BrokerClient) -> None:
         self.client = client
@@ -122,6 +124,10 @@ class StreamReader:
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                     opt_start_seq=start_seq)
+        if not follow:
+            async for item in self._fetch(config, last):
+                yield item
+            return
         sub = await self.js.subscribe(subj.AUDIT_SUBJECTS, stream=subj.AUDIT_STREAM,
                                       ordered_consumer=True, config=config,
                                       inactive_threshold=30.0)
@@ -130,15 +136,32 @@ class StreamReader:
                 try:
                     msg = await sub.next_msg(timeout=IDLE_S)
                 except nats.errors.TimeoutError:
-                    if follow:
-                        continue
-                    if await self.last_seq() <= last:
+                    continue  # following: wait for the next record
+                yield msg.metadata.sequence.stream, msg.data
+        finally:
+            await sub.unsubscribe()
+
+    async def _fetch(self, config: ConsumerConfig, last: int
+                     ) -> AsyncIterator[tuple[int, bytes]]:
+        """Up to ``last`` in batches through a pull consumer (many times faster than a
+        push consumer for reading a long log once). No acks; the server drops the
+        consumer when idle, as the operator may not delete consumers on this stream."""
+        config.ack_policy = AckPolicy.NONE
+        config.inactive_threshold = 30.0
+        config.mem_storage = True
+        sub = await self.js.pull_subscribe(subj.AUDIT_SUBJECTS, stream=subj.AUDIT_STREAM,
+                                           config=config)
+        try:
+            while True:
+                try:
+                    batch = await sub.fetch(FETCH, timeout=IDLE_S)
+                except nats.errors.TimeoutError:
+                    return  # nothing more after the requested point
+                for msg in batch:
+                    seq = msg.metadata.sequence.stream
+                    yield seq, msg.data
+                    if seq >= last:
                         return
-                    continue
-                seq = msg.metadata.sequence.stream
-                yield seq, msg.data
-                if not follow and seq >= last:
-                    return
         finally:
             await sub.unsubscribe()
 

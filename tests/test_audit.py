@@ -22,7 +22,7 @@ from broker import connection
 from broker import subjects as subj
 from broker.errors import BrokerError
 from broker.secrets import load_identity
-from mas.audit_cli import audit_app
+from mas.audit_cli import StreamReader, audit_app
 from orchestrator import checkpoint as cp
 from orchestrator import violations
 from orchestrator.audit import DOMAIN, AuditLog
@@ -277,6 +277,8 @@ def test_tail_filters_and_report_summarises_the_period(written: Written) -> None
     code, output = cli(written.broker, "export", "--since", "yesterday-ish")
     assert code == 1
     assert "is not a date or an age" in output, output
+    # everything above read the stream with the operator's read-only grants alone
+    assert "Violation" not in written.broker.log()
 
 
 async def test_a_flood_of_violations_cannot_fill_the_audit_log(
@@ -310,3 +312,34 @@ async def test_a_flood_of_violations_cannot_fill_the_audit_log(
     finally:
         await rogue.close()
         await orch.stop()
+
+
+async def test_tail_follow_sees_records_appended_after_it_started(
+        fresh_broker: RunningBroker) -> None:
+    orch = await connection.connect(load_identity(fresh_broker.secrets, "orchestrator"),
+                                    fresh_broker.url, max_reconnect_attempts=0)
+    operator = await connection.connect(load_identity(fresh_broker.secrets, "operator"),
+                                        fresh_broker.url, max_reconnect_attempts=0)
+    audit = await AuditLog(orch, orch.material.signing_key).open()
+    try:
+        await audit.record("system", "orchestrator", "before", "info")
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for _, raw in StreamReader(operator).records(follow=True):
+                seen.append(AuditRecord.model_validate_json(raw).action)
+                if len(seen) == 2:
+                    return
+
+        task = asyncio.create_task(follow())
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        await audit.record("system", "orchestrator", "after", "info")
+        await asyncio.wait_for(task, 10)
+        assert seen == ["before", "after"]
+    finally:
+        await audit.close()
+        await operator.close()
+        await orch.close()
