@@ -30,7 +30,7 @@ from broker import tracing
 from broker.connection import BrokerClient
 from orchestrator import checkpoint as cp
 from protocol.audit import AuditKind, AuditRecord, Outcome
-from security.encoding import b64url_encode, canonical_json
+from security.encoding import b64url_decode, b64url_encode, canonical_json
 from security.keys import SigningKey
 
 log = structlog.get_logger("mas.audit")
@@ -138,19 +138,52 @@ class AuditLog:
         return checkpoint
 
     async def _append(self, **fields: Any) -> AuditRecord:
-        unsigned = AuditRecord(seq=self.last_seq + 1, ts=time.time(), prev_hash=self.head,
-                               kid=self.key.kid, **fields)
-        record, data = seal(unsigned, self.key)
-        subject = f"mas.audit.{record.kind}"
-        with tracing.producer(self.client.identity, subject, data):
-            headers = self.client.sealed_headers(subject, data)
-            headers["Nats-Expected-Last-Sequence"] = str(self.last_seq)
-            ack = await self.js.publish(subject, data, headers=headers)
+        for attempt in (1, 2):
+            unsigned = AuditRecord(seq=self.last_seq + 1, ts=time.time(), prev_hash=self.head,
+                                   kid=self.key.kid, **fields)
+            record, data = seal(unsigned, self.key)
+            subject = f"mas.audit.{record.kind}"
+            try:
+                with tracing.producer(self.client.identity, subject, data):
+                    headers = self.client.sealed_headers(subject, data)
+                    headers["Nats-Expected-Last-Sequence"] = str(self.last_seq)
+                    ack = await self.js.publish(subject, data, headers=headers)
+            except Exception:
+                # an earlier append whose answer was lost (the broker died, or nats-py sent
+                # it from its reconnect buffer after we gave up) may be stored after all;
+                # without taking it in, every later append would fail the sequence check
+                if attempt == 2 or not await self._adopt_lost_appends():
+                    raise
+                continue
+            break
         self.last_seq = ack.seq
         self.head = hashlib.sha256(data).hexdigest()
         if record.kind != "checkpoint":
             self._since_checkpoint += 1
         return record
+
+    async def _adopt_lost_appends(self) -> bool:
+        """Take in the records after our head that we signed and that continue our chain;
+        True if there were any. Anything else there is left for `mas audit verify`."""
+        adopted = False
+        try:
+            info = await self.js.stream_info(subj.AUDIT_STREAM)
+            for seq in range(self.last_seq + 1, int(info.state.last_seq or 0) + 1):
+                raw = await self.js.get_msg(subj.AUDIT_STREAM, seq=seq)
+                stored = AuditRecord.model_validate_json(raw.data or b"")
+                if (stored.seq, stored.prev_hash, stored.kid) != (seq, self.head, self.key.kid) \
+                        or not self.key.public.verify(signing_bytes(stored),
+                                                      b64url_decode(stored.sig)):
+                    log.error("audit.foreign_record", seq=seq)
+                    break
+                self.last_seq, self.head = seq, hashlib.sha256(raw.data or b"").hexdigest()
+                if stored.kind != "checkpoint":
+                    self._since_checkpoint += 1
+                log.warning("audit.adopted_lost_append", seq=seq, kind=stored.kind)
+                adopted = True
+        except Exception as exc:
+            log.warning("audit.catch_up_failed", error=type(exc).__name__)
+        return adopted
 
     async def _checkpoint_timer(self) -> None:
         while True:
