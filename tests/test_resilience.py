@@ -40,6 +40,8 @@ from tests.test_orchestrator import MESSAGE, SEND, Platform, audit_records
 from tests.test_runtime import Seen, make_agent
 
 pytestmark = pytest.mark.broker
+# longer than a step timeout of 0.5 s plus the audit writer's JetStream timeout (5 s)
+OUTAGE_S = 7.0
 
 
 class Text(BaseModel):
@@ -79,13 +81,15 @@ async def rig(fresh_broker: RunningBroker) -> AsyncIterator[Platform]:
     await plat.orch.stop()
 
 
-async def kill_broker_and_restart(broker: RunningBroker) -> None:
-    """SIGKILL nats-server (no graceful shutdown, no final flush), then start it again on
-    the same port with the same config and JetStream store directory."""
+async def kill_broker_and_restart(broker: RunningBroker, outage_s: float = 0) -> None:
+    """SIGKILL nats-server (no graceful shutdown, no final flush), keep it down for
+    ``outage_s`` (the outage is the scenario, not a wait for something), then start it
+    again on the same port with the same config and JetStream store directory."""
     server = broker.server
     assert server.process is not None
     code = await asyncio.to_thread(server.stop, kill=True)
     assert code == -signal.SIGKILL
+    await asyncio.sleep(outage_s)
     await asyncio.to_thread(server.start)
     await asyncio.to_thread(server.wait_ready, broker.project.policy().broker.monitor)
 
@@ -186,6 +190,32 @@ async def test_a_step_in_flight_when_the_broker_dies_is_not_run_twice(
           if r.kind == "command" and r.detail.get("step") == "s1"]
     assert ("error", "retrying") in s1
     assert s1[-1] == ("ok", "already_done")
+
+
+async def test_a_broker_outage_longer_than_the_step_timeout_does_not_strand_the_workflow(
+        rig: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker stays down past the step timeout and the audit write's own timeout, so
+    the engine gives up on the attempt while it cannot even record that. Once the broker
+    is back the workflow must still finish, each side effect once, and the audit log must
+    still take records and verify."""
+    monkeypatch.setattr(engine_module, "STEP_TIMEOUT_S", 0.5)
+    wf = await rig.orch.engine.submit("test", Plan(
+        steps=[note("s1", "slow"), note("s2", "after", "s1")], planner="test"))
+    rig.orch.engine.start(wf.id)
+    await eventually(lambda: rig.seen.calls == [("notify_owner", "slow")], timeout=10,
+                     what="the slow step is in its handler")
+    before = [c.reconnects for c in clients(rig)]
+
+    await kill_broker_and_restart(rig.broker, outage_s=OUTAGE_S)
+    rig.seen.gate.set()
+    await reconnected(*clients(rig), before=before)
+
+    done = await finished(rig, wf.id)
+    assert done.status == "completed", done
+    assert rig.seen.calls == [("notify_owner", "slow"), ("notify_owner", "after")]
+    records = await verified_audit_log(rig.operator)
+    assert any(r.kind == "workflow" and r.action == "finish" and r.workflow_id == wf.id
+               for r in records)
 
 
 def stateful_agent(calls: list[str]) -> Agent:
