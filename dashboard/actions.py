@@ -4,14 +4,11 @@ Approvals, revocations and workflow runs go to the orchestrator through
 ``mas.ops_cli.OperatorSession``, the very object the CLI uses: a decision is signed with
 the operator key by ``OperatorSession.decide`` exactly as for ``mas approvals approve``.
 Agent start/stop/restart, status and logs go to the control service on
-``mas.control.*``; its wire models live in ``protocol.control``, loaded at run time so
-that the dashboard still works (without those controls) where control is not installed.
+``mas.control.*`` (``protocol.control``); its answers must be signed by ``control``.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,10 +18,10 @@ from mas.ops_cli import OperatorSession
 from orchestrator.service import WorkflowList
 from orchestrator.workflows import Workflow
 from protocol import admin
+from protocol import control as wire
 from protocol.approvals import AdminError, Approval, ApprovalId, ApprovalList, ApprovalQuery
 
 CONTROL_IDENTITY = "control"
-AgentAction = Literal["start", "stop", "restart"]
 M = TypeVar("M", bound=BaseModel)
 RUN_WAIT_S = 3.0
 
@@ -52,15 +49,6 @@ class RunForm(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request: Annotated[str, Field(min_length=1, max_length=2000)]
-
-
-def control_protocol() -> ModuleType | None:
-    """``protocol.control`` when the control service is installed, else None (the seam
-    for builds without it: the agent controls then answer 501)."""
-    try:
-        return importlib.import_module("protocol.control")
-    except ImportError:
-        return None
 
 
 class Controls:
@@ -115,36 +103,23 @@ class Controls:
 
     # control (mas.control.*): answered by the control identity, not the orchestrator
 
-    async def agent(self, agent: str, action: AgentAction) -> dict[str, Any]:
-        wire = self._control()
+    async def agent(self, agent: str, action: wire.Action) -> wire.AgentStatus:
         subject = {"start": wire.AGENT_START, "stop": wire.AGENT_STOP,
                    "restart": wire.AGENT_RESTART}[action]
-        return await self._ask_control(subject, _parse(wire.AgentRequest, agent=agent),
-                                       wire.AgentStatus, timeout=60)
+        request = _parse(wire.AgentRequest, agent=agent)
+        return await self._ask_control(subject, request, wire.AgentStatus, timeout=60)
 
-    async def status(self, timeout: float = 2.0) -> list[dict[str, Any]]:
-        wire = self._control()
-        reply = await self._ask_control(wire.STATUS, wire.StatusRequest(), wire.StatusReply,
-                                        timeout=timeout)
-        agents: list[dict[str, Any]] = reply["agents"]
-        return agents
+    async def status(self, timeout: float = 2.0) -> list[wire.AgentStatus]:
+        return (await self._ask_control(wire.STATUS, wire.StatusRequest(), wire.StatusReply,
+                                        timeout=timeout)).agents
 
     async def logs(self, agent: str, tail: int = 200, cursor: str | None = None
-                   ) -> dict[str, Any]:
-        wire = self._control()
-        return await self._ask_control(
-            wire.LOGS, _parse(wire.LogsRequest, agent=agent, tail=tail, cursor=cursor),
-            wire.LogsReply)
+                   ) -> wire.LogsReply:
+        request = _parse(wire.LogsRequest, agent=agent, tail=tail, cursor=cursor)
+        return await self._ask_control(wire.LOGS, request, wire.LogsReply)
 
-    @staticmethod
-    def _control() -> ModuleType:
-        wire = control_protocol()
-        if wire is None:
-            raise ControlMissing("this build has no control service (protocol.control)")
-        return wire
-
-    async def _ask_control(self, subject: str, payload: BaseModel, answer: type[BaseModel],
-                           timeout: float = 10.0) -> dict[str, Any]:
+    async def _ask_control(self, subject: str, payload: BaseModel, answer: type[M],
+                           timeout: float = 10.0) -> M:
         try:
             reply = await self.session.client.request(subject, payload, timeout=timeout)
         except Exception as exc:
@@ -155,19 +130,13 @@ class Controls:
         try:
             error = AdminError.model_validate_json(reply.data)
         except ValidationError:
-            parsed: dict[str, Any] = answer.model_validate_json(reply.data).model_dump(
-                mode="json")
-            return parsed
+            return answer.model_validate_json(reply.data)
         raise ActionFailed(f"control refused ({error.code}): {error.reason}")
 
 
-def _parse(model: type[BaseModel], **fields: Any) -> BaseModel:
+def _parse(model: type[M], **fields: Any) -> M:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ActionFailed(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-
-
-class ControlMissing(ActionFailed):
-    """The control service's protocol is not part of this build."""

@@ -29,10 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from broker import subjects as subj
 from broker.connection import SignedMessage
 from broker.policy import Policy
-from dashboard.actions import ActionFailed, ControlMissing, Controls
+from dashboard.actions import ActionFailed, Controls
 from orchestrator.workflows import Workflow
 from protocol.approvals import Approval
 from protocol.audit import AuditRecord
+from protocol.control import AgentStatus
 from protocol.registry import Heartbeat
 
 log = structlog.get_logger("mas.dashboard")
@@ -136,7 +137,7 @@ class Feed:
         self.rates: deque[Rates] = deque(maxlen=RATE_POINTS)
         self.approvals: list[Approval] = []
         self.workflows: list[Workflow] = []
-        self.control_status: dict[str, dict[str, Any]] = {}
+        self.control_status: dict[str, AgentStatus] = {}
         self.control_present = False
         self.problems: dict[str, str] = {}
         self.version = 0
@@ -222,16 +223,13 @@ class Feed:
             self._problem("orchestrator", str(exc))
         try:
             status = await self.controls.status(timeout=1.0)
-        except ControlMissing:
-            self.control_present = False
-            self._problem("control", None)
         except ActionFailed as exc:
             self.control_present = False
             self.control_status = {}
             self._problem("control", str(exc))
         else:
             self.control_present = True
-            self.control_status = {s["agent"]: s for s in status}
+            self.control_status = {s.agent: s for s in status}
             self._problem("control", None)
 
     async def _audit_loop(self) -> None:
@@ -309,13 +307,12 @@ class Feed:
                     if now - at <= self.heartbeat_stale_s else "silent"})
             status = self.control_status.get(name)
             beating = view.source == "heartbeat" and view.state == "running"
-            if status is not None and not (beating and status.get("state") == "missing"):
+            if status is not None and not (beating and status.state == "missing"):
                 # control's word, unless it does not manage an agent that is plainly alive
                 # (started by hand, outside control)
                 view = view.model_copy(update={
-                    "state": status.get("state", view.state), "health": status.get("health"),
-                    "ref": status.get("ref", ""), "restarts": status.get("restarts", 0),
-                    "source": "control"})
+                    "state": status.state, "health": status.health, "ref": status.ref,
+                    "restarts": status.restarts, "source": "control"})
             views.append(view)
         return views
 

@@ -47,8 +47,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dashboard.actions import (
     ActionFailed,
-    AgentAction,
-    ControlMissing,
     Controls,
     DecideForm,
     RevokeForm,
@@ -56,6 +54,7 @@ from dashboard.actions import (
 )
 from dashboard.feed import Feed
 from dashboard.login import LoginSecret
+from protocol.control import Action
 
 log = structlog.get_logger("mas.dashboard")
 SESSION_COOKIE = "mas_session"
@@ -328,8 +327,6 @@ class Dashboard:
     async def _act(self, call: Callable[[], Awaitable[Any]]) -> Response:
         try:
             result = await call()
-        except ControlMissing as exc:
-            return _error(501, str(exc))
         except ActionFailed as exc:
             return _error(409, str(exc))
         finally:
@@ -368,7 +365,7 @@ class Dashboard:
         agent, action = request.path_params["agent"], request.path_params["action"]
         if action not in AGENT_ACTIONS:
             return _error(404, "use /start, /stop or /restart")
-        verb: AgentAction = action
+        verb: Action = action  # one of AGENT_ACTIONS, checked just above
         log.info("dashboard.agent", agent=agent, action=verb)
         return await self._act(lambda: self.controls.agent(agent, verb))
 

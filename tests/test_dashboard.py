@@ -406,6 +406,19 @@ async def test_the_live_feed_shows_agents_throughput_audit_and_alerts(
         assert shown["summary"] == "notify was refused 9 times in a minute"
         assert snap["control"] is False  # no control service in this stack
 
+        # traffic moves the rates: messages nobody subscribes to still count as "in"
+        operator = await connect_fresh("operator")
+        baseline = max(r["in_msgs"] for r in snap["rates"])
+
+        async def busy() -> bool:
+            for _ in range(2000):
+                await operator.nc.publish("mas.admin.noise", b"x" * 100)
+            await operator.nc.flush()
+            rates = (await http.get("/api/snapshot")).json()["rates"]
+            return any(r["in_msgs"] > baseline + 500 for r in rates[-3:])
+
+        await wait_for("the message rate going up", busy)
+
         async with http.stream("GET", "/api/events") as events:
             assert events.headers["content-type"].startswith("text/event-stream")
             lines = events.aiter_lines()
@@ -449,6 +462,21 @@ async def test_stop_start_and_logs_go_through_control(
         assert "not an agent" in unknown.json()["error"]
         bad = await http.post("/api/agents/health/explode", headers={"X-CSRF-Token": csrf})
         assert bad.status_code == 404
+
+
+async def test_after_logout_the_session_and_its_token_are_dead(stack: Stack) -> None:
+    async with client(stack) as http:
+        csrf = await login(http, stack.secret)
+        session = http.cookies.get("mas_session")
+        out = await http.post("/logout", data={"csrf": csrf})
+        assert out.status_code == 303
+        assert out.headers["location"] == "/login"
+        http.cookies.set("mas_session", session or "")
+        assert (await http.get("/api/snapshot")).status_code == 401
+        again = await http.post("/api/revoke", headers={"X-CSRF-Token": csrf},
+                                json={"kind": "agent", "target": "notify"})
+        assert again.status_code == 401
+        assert stack.orch.revocations.revocations.entries() == []
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -569,6 +597,11 @@ async def test_in_chromium_an_approval_appears_live_and_approving_completes_it(
         await page.wait_for_selector(f'#workflows tr[data-id="{wf.id}"] .state.completed',
                                      timeout=20_000)
         assert await page.evaluate("window.__sameDocument === true")  # never reloaded
+        await page.locator(f'#workflows tr[data-id="{wf.id}"] a').click()
+        rows = page.locator("#audit tbody tr")
+        assert await rows.count() >= 3  # planned, approval asked and decided, step, finish
+        for text in await rows.all_inner_texts():
+            assert wf.id in text
         await page.screenshot(path=str(shots / "approved.png"), full_page=True)
     assert stack.seen.calls == [("send_message", "dinner at 8")]
     stored = await stack.approval((await stack.workflow(wf.id)).steps["send"].approval_id or "")

@@ -178,7 +178,7 @@ function renderAlerts(alerts) {
 
 function renderWorkflows(list) {
   $("workflows").tBodies[0].replaceChildren(...list.map((w) => h("tr", { "data-id": w.id },
-    h("td", {}, w.id), h("td", {}, h("span", { class: `state ${w.status}` }, w.status)),
+    h("td", {}, follow(w.id)), h("td", {}, h("span", { class: `state ${w.status}` }, w.status)),
     h("td", {}, w.request),
     h("td", {}, Object.entries(w.steps).map(([id, s]) => `${id}: ${s.status}`).join(", ")),
     h("td", {}, w.reason))));
@@ -189,17 +189,25 @@ function syncOptions(select, values) {
   for (const v of [...values].sort()) if (!have.has(v)) select.append(h("option", { value: v }, v));
 }
 
+function follow(id) {
+  return h("a", { href: "#audit-section", class: "mono", title: "show its audit records",
+    onclick: () => { $("audit-find").value = id; if (last) renderAudit(last.audit); } }, id);
+}
+
 function renderAudit(records) {
   const agent = $("audit-agent").value, outcome = $("audit-outcome").value;
+  const find = $("audit-find").value.trim();
   syncOptions($("audit-agent"), new Set(records.map((r) => r.identity)));
   syncOptions($("audit-outcome"), new Set(records.map((r) => r.outcome)));
   const shown = records.filter((r) => (!agent || r.identity === agent ||
-    r.detail?.agent === agent) && (!outcome || r.outcome === outcome)).slice(0, 100);
+    r.detail?.agent === agent) && (!outcome || r.outcome === outcome) &&
+    (!find || r.workflow_id === find || r.trace_id === find)).slice(0, 100);
   $("audit").tBodies[0].replaceChildren(...shown.map((r) => h("tr", {},
     h("td", {}, r.seq), h("td", {}, new Date(r.ts * 1000).toLocaleTimeString()),
     h("td", {}, r.kind), h("td", {}, r.identity), h("td", {}, r.action),
     h("td", {}, h("span", { class: `state ${r.outcome}` }, r.outcome), r.code ? ` ${r.code}` : ""),
-    h("td", {}, r.workflow_id || ""), h("td", { class: "mono" }, r.trace_id || ""))));
+    h("td", {}, r.workflow_id ? follow(r.workflow_id) : ""),
+    h("td", {}, r.trace_id ? follow(r.trace_id) : ""))));
 }
 
 function render(snap) {
@@ -231,6 +239,7 @@ function connect() {
 document.addEventListener("DOMContentLoaded", () => {
   $("audit-agent").addEventListener("change", () => last && renderAudit(last.audit));
   $("audit-outcome").addEventListener("change", () => last && renderAudit(last.audit));
+  $("audit-find").addEventListener("input", () => last && renderAudit(last.audit));
   $("logs-close").addEventListener("click", () => {
     clearInterval(logsTimer); $("logs-panel").hidden = true;
   });
