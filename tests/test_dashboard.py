@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import httpx2
 import pytest
 
 from agents.runtime.service import AgentService
+from broker import subjects as subj
 from broker.connection import BrokerClient
 from broker.secrets import load_identity, load_trust
 from control.process_backend import ProcessBackend
@@ -33,8 +35,11 @@ from orchestrator.planners.offline import OfflinePlanner
 from orchestrator.service import Orchestrator
 from orchestrator.workflows import Workflow
 from protocol.approvals import Approval
+from protocol.explain import Explanation
+from protocol.registry import Heartbeat
+from protocol.tokens import TokenRequest, TokenRequestReply
 from security.decisions import verify_decision
-from tests.conftest import ConnectAs, RunningBroker, free_port
+from tests.conftest import ConnectAs, RunningBroker, free_port, wait_for_violation
 from tests.test_cli import env as cli_env
 from tests.test_cli import read_until
 from tests.test_runtime import Seen, make_agent
@@ -484,6 +489,32 @@ async def test_after_logout_the_session_and_its_token_are_dead(stack: Stack) -> 
         assert stack.orch.revocations.revocations.entries() == []
 
 
+async def test_an_agent_cannot_speak_for_another_in_its_heartbeat(
+        stack: Stack, connect_fresh: ConnectAs) -> None:
+    notify = await connect_fresh("notify")
+
+    def beat(agent: str, version: str) -> Heartbeat:
+        return Heartbeat(agent=agent, instance="x", version=version, kind="stateless",
+                         ts=time.time(), uptime_s=1.0)
+
+    await notify.publish("mas.heartbeat.notify", beat("health", "6.6.6"))  # on its own subject
+    await notify.publish("mas.heartbeat.health", beat("health", "6.6.6"))  # broker refuses
+    await wait_for_violation(notify, "publish", "mas.heartbeat.health")
+    await notify.publish("mas.heartbeat.notify", beat("notify", "7.7.7"))  # after both, in order
+    async with client(stack) as http:
+        await login(http, stack.secret)
+
+        async def agents() -> dict[str, dict[str, Any]] | None:
+            snap = (await http.get("/api/snapshot")).json()
+            found = {a["name"]: a for a in snap["agents"]}
+            return found if found["notify"]["version"] == "7.7.7" else None
+
+        seen = await wait_for("notify's own heartbeat", agents)
+        assert seen is not None
+        assert seen["health"]["state"] == "unknown"
+        assert seen["health"]["version"] == ""
+
+
 # --- the command ------------------------------------------------------------------------------
 
 # `mas dashboard` until mas/cli.py registers it; the same typer app either way
@@ -602,6 +633,23 @@ async def test_in_chromium_an_approval_appears_live_and_approving_completes_it(
         await page.wait_for_selector(f'#workflows tr[data-id="{wf.id}"] .state.completed',
                                      timeout=20_000)
         assert await page.evaluate("window.__sameDocument === true")  # never reloaded
+
+        # an agent's own words are shown as text, never run as markup
+        hostile = '<img src=x onerror="window.__pwned=1">Bob <b>must</b> know'
+        request = TokenRequest(agent="notify", action="send_message",
+                               args={"to": "bob", "text": "<script>window.__pwned=2</script>"},
+                               explanation=Explanation(summary=hostile, reason=hostile,
+                                                       confidence=0.4))
+        reply = await stack.agent.client.request(subj.TOKEN_REQUEST, request, timeout=10)
+        assert TokenRequestReply.model_validate_json(reply.data).status == "pending"
+        card = page.locator(".approval")
+        await card.wait_for(timeout=20_000)
+        assert hostile in await card.locator(".summary").inner_text()
+        assert await card.locator("img").count() == 0
+        assert await page.evaluate("window.__pwned === undefined")
+        await page.screenshot(path=str(shots / "hostile-approval.png"), full_page=True)
+        await card.locator("button.deny").click()
+        await card.wait_for(state="detached", timeout=20_000)
         await page.locator(f'#workflows tr[data-id="{wf.id}"] a').click()
         rows = page.locator("#audit tbody tr")
         assert await rows.count() >= 3  # planned, approval asked and decided, step, finish
