@@ -121,6 +121,8 @@ class Engine:
             wf = await self.load(workflow_id)
             if wf is None or wf.plan is None:
                 raise KeyError(workflow_id)
+            if wf.finished:  # rejected, completed or failed: nothing more to run
+                return wf
             while True:
                 await self._run_ready(wf)
                 self._settle(wf)

@@ -67,3 +67,16 @@ async def test_an_agent_back_within_the_retries_runs_the_step_once(
         assert seen.calls == [("notify_owner", "hello")]
     finally:
         await agent.stop()
+
+
+async def test_advancing_a_finished_or_rejected_workflow_changes_nothing(
+        platform: Platform) -> None:  # noqa: F811
+    rejected = await platform.orch.engine.submit(
+        "test", Plan(steps=[Step(id="s1", agent="notify", action="no_such")], planner="test"))
+    assert rejected.status == "rejected"
+    again = await platform.orch.engine.advance(rejected.id)
+    assert (again.status, again.reason) == ("rejected", rejected.reason)
+    done = await platform.run_plan(NOTE)
+    assert done.status == "completed"
+    assert (await platform.orch.engine.advance(done.id)).steps == done.steps
+    assert platform.seen.calls == [("notify_owner", "hello")]
