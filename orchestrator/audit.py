@@ -39,6 +39,7 @@ MAX_BYTES = 256 * 1024 * 1024
 DOMAIN = b"mas-audit-record/1\n"
 CHECKPOINT_EVERY = 100
 CHECKPOINT_INTERVAL_S = 60.0
+FILLING = 0.8
 
 
 def record_hash(record: AuditRecord) -> str:
@@ -101,7 +102,10 @@ class AuditLog:
             await asyncio.gather(self._timer, return_exceptions=True)
             self._timer = None
         if self._since_checkpoint and not self.client.nc.is_closed:
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # the broker is gone: the next start checkpoints
+                log.warning("audit.checkpoint_failed", error=type(exc).__name__)
 
     async def record(self, kind: AuditKind, identity: str, action: str, outcome: Outcome, *,
                      code: str = "", trace_id: str | None = None, workflow_id: str | None = None,
@@ -135,6 +139,11 @@ class AuditLog:
         if self.checkpoint_file is not None:
             await asyncio.to_thread(cp.append_note, self.checkpoint_file, note)
         log.info("audit.checkpoint", size=checkpoint.size, head=checkpoint.head)
+        info = await self.js.stream_info(subj.AUDIT_STREAM)
+        used = (info.state.bytes or 0) / MAX_BYTES
+        if used >= FILLING:  # discard-new: a full stream refuses every further record
+            log.warning("audit.stream_filling", used_pct=round(used * 100, 1),
+                        records=info.state.messages, max_bytes=MAX_BYTES)
         return checkpoint
 
     async def _append(self, **fields: Any) -> AuditRecord:
