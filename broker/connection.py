@@ -256,11 +256,11 @@ async def connect(
                 holder[0].violations.append(violation)
             log.warning("broker.permission_violation", identity=violation.identity,
                         operation=violation.operation, subject=violation.subject)
-        else:
+        elif holder:  # before the first connect, the BrokerError below says it once
             log.warning("broker.error", identity=material.identity, error=str(error))
 
     async def disconnected_cb() -> None:
-        if not (holder and holder[0].closing):
+        if holder and not holder[0].closing:  # not a first connect that failed
             log.warning("broker.disconnected", identity=material.identity)
 
     async def reconnected_cb() -> None:
@@ -283,8 +283,10 @@ async def connect(
             disconnected_cb=disconnected_cb,
             reconnected_cb=reconnected_cb,
             connect_timeout=int(max(1, connect_timeout)),
-            allow_reconnect=True,
-            max_reconnect_attempts=max_reconnect_attempts,
+            # nats-py reads max_reconnect_attempts=0 as "no limit" and retries even a first
+            # connect to a closed port until our timeout; 0 here means: one retry, then say so
+            allow_reconnect=max_reconnect_attempts != 0,
+            max_reconnect_attempts=max_reconnect_attempts or 1,
             reconnect_time_wait=1,
         ), timeout=connect_timeout * 3 + 1)
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
