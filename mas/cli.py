@@ -23,9 +23,12 @@ from broker.errors import BrokerError, ServerError
 from broker.permissions import all_permissions
 from broker.secrets import init_secrets, load_identity
 from broker.server import NatsServer
+from dashboard.login import ensure_secret, secret_path
+from dashboard.server import DEFAULT_HOST, default_port, url_for
 from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
 from mas.control_cli import register as register_control
+from mas.dashboard_cli import dashboard_app
 from mas.local import LocalService, start_services
 from mas.ops_cli import (
     approvals_app,
@@ -47,6 +50,7 @@ app.add_typer(approvals_app, name="approvals")
 app.add_typer(workflow_app, name="workflow")
 app.add_typer(tokens_app, name="tokens")
 register_control(app, agent_app)
+app.add_typer(dashboard_app, name="dashboard")
 
 out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[
@@ -80,6 +84,9 @@ def init(
     """Create the CA, certificates, nkeys and signing keys this install needs (idempotent)."""
     project = find_project(root)
     report = init_secrets(project.policy(), project.secrets, force=force)
+    if force:
+        secret_path(project.secrets).unlink(missing_ok=True)
+    ensure_secret(project.secrets)  # the dashboard's login secret; only --force replaces it
     where = project.secrets.root
     if report.created:
         out.print(f"created {len(report.created)} secret files in {where} (0600), "
@@ -232,6 +239,8 @@ def up(
             children = start_services(project, url, policy)
             out.print(f"started {', '.join(c.name for c in children)}; their logs are in "
                       f"{project.data_dir / 'logs'}")
+            out.print(f"dashboard at {url_for(DEFAULT_HOST, default_port())} "
+                      "(`mas dashboard --url` prints the login secret)")
         out.print("Local mode: processes share this machine; container isolation does not apply. "
                   "Press Ctrl-C to stop.")
         while not stop_requested:

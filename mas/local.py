@@ -88,6 +88,8 @@ def start_services(project: Project, url: str, policy: Policy) -> list[LocalServ
     # `mas status` work the same here as with containers
     services.append(LocalService("control", [_mas(), "control", "run", "--processes"], env,
                                  logs / "control.log", project.root))
+    services.append(LocalService("dashboard", [_mas(), "dashboard", "run"], env,
+                                 logs / "dashboard.log", project.root))
     for service in services:
         service.start()
     return services
