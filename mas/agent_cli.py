@@ -118,6 +118,7 @@ def new(
     from mas.scaffold import Scaffold
 
     project = find_project(root)
+    project.policy()  # a broken policy.yaml is reported as such, before anything is written
     scaffold = Scaffold(name, kind, tier, description.replace(":", " -"), tuple(egress or ()))
     before = project.policy_path.read_text()
     written = scaffold.write(project.root)
