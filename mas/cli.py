@@ -27,6 +27,7 @@ from dashboard.login import ensure_secret, secret_path
 from dashboard.server import DEFAULT_HOST, default_port, url_for
 from deploy import outputs as deploy_outputs
 from mas.agent_cli import agent_app
+from mas.audit_cli import audit_app
 from mas.control_cli import register as register_control
 from mas.dashboard_cli import dashboard_app
 from mas.local import LocalService, start_services
@@ -51,6 +52,7 @@ app.add_typer(workflow_app, name="workflow")
 app.add_typer(tokens_app, name="tokens")
 register_control(app, agent_app)
 app.add_typer(dashboard_app, name="dashboard")
+app.add_typer(audit_app, name="audit")
 
 out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[

@@ -82,7 +82,12 @@ def agents_with_code(project: Project, policy: Policy) -> list[str]:
 def start_services(project: Project, url: str, policy: Policy) -> list[LocalService]:
     env = {**os.environ, "MAS_ROOT": str(project.root), "MAS_BROKER_URL": url}
     logs = project.data_dir / "logs"
-    services = [LocalService("orchestrator", [_mas(), "orchestrator", "run"], env,
+    # the orchestrator audits the broker's refusals from its log, and keeps the audit
+    # checkpoints in a file outside the stream (the CLI's default place for them)
+    orchestrator_env = {**env, "MAS_NATS_LOG": str(logs / "nats-server.log"),
+                        "MAS_AUDIT_CHECKPOINTS": str(project.data_dir / "audit" /
+                                                     "checkpoints.jsonl")}
+    services = [LocalService("orchestrator", [_mas(), "orchestrator", "run"], orchestrator_env,
                              logs / "orchestrator.log", project.root)]
     # control starts and supervises the agents, so `mas agent stop|start|restart` and
     # `mas status` work the same here as with containers

@@ -89,6 +89,11 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
         again = mas(root, "approvals", "approve", approval["id"])
         assert again.returncode == 1
         assert "not_pending" in again.stderr
+        verified = mas(root, "audit", "verify", "--json")
+        assert verified.returncode == 0, (verified.stdout, verified.stderr)
+        tail = mas(root, "audit", "tail", "--json", "-n", "200")
+        kinds = {json.loads(line)["kind"] for line in tail.stdout.splitlines() if line.strip()}
+        assert {"approval_requested", "approval_decided", "token_issued", "command"} <= kinds
     finally:
         up.send_signal(signal.SIGINT)
         try:
