@@ -46,6 +46,7 @@ RootOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 M = TypeVar("M", bound=BaseModel)
+MAX_REASON = 500  # ApprovalDecision.reason and RevokeRequest.reason
 
 
 def _url(project: Project) -> str:
@@ -191,6 +192,8 @@ def approvals_show(approval_id: str, root: RootOption = None, as_json: JsonOptio
 
 def _decide(approval_id: str, decision: Literal["approve", "deny"], reason: str,
             root: Path | None) -> None:
+    if len(reason) > MAX_REASON:  # checked here, not after asking the orchestrator
+        raise BrokerError(f"--reason may be at most {MAX_REASON} characters")
     project = find_project(root)
     approval = _one(project, approval_id)
 
@@ -284,10 +287,15 @@ def _workflow_table(result: WorkflowList) -> Table:
 
 
 def run_request(request: str, wait: float, root: Path | None, as_json: bool) -> None:
+    try:
+        query = admin.WorkflowRunRequest(request=request, wait_s=wait)
+    except ValidationError as exc:
+        raise BrokerError("the request must be 1 to 2000 characters"
+                          if exc.errors()[0]["loc"][0] == "request"
+                          else "--wait must be 0 to 120 seconds") from None
     project = find_project(root)
-    result = asyncio.run(_ask(project, admin.WORKFLOWS_RUN,
-                              admin.WorkflowRunRequest(request=request, wait_s=wait),
-                              WorkflowList, timeout=wait + 15))
+    result = asyncio.run(_ask(project, admin.WORKFLOWS_RUN, query, WorkflowList,
+                              timeout=wait + 15))
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
     else:
@@ -345,7 +353,9 @@ def tokens_revoke(
     try:
         request = admin.RevokeRequest(kind="agent" if agent else "jti", target=target,
                                       reason=reason, lift=lift)
-    except ValidationError:
+    except ValidationError as exc:
+        if exc.errors()[0]["loc"][0] == "reason":
+            raise BrokerError(f"--reason may be at most {MAX_REASON} characters") from None
         raise BrokerError(f"{target!r} is not a token id or agent name") from None
     result = asyncio.run(_ask(find_project(root), admin.REVOKE, request, admin.Ok))
     out.print(result.detail)
