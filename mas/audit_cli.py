@@ -212,8 +212,8 @@ async def _verify_stream(project: Project, verifier: Verifier, show_progress: bo
 
 
 def run_verify(project: Project, source: Path | None, checkpoints: Path | None, jobs: int,
-               show_progress: bool, keep: Callable[[bytes], None] | None = None
-               ) -> tuple[Report, Path | None]:
+               show_progress: bool, keep: Callable[[bytes], None] | None = None, *,
+               trust_checkpoints: bool = False) -> tuple[Report, Path | None]:
     ring = orchestrator_ring(project)
     file_path, notes = checkpoint_notes(project, checkpoints)
     if source is not None and not source.is_file():
@@ -221,7 +221,7 @@ def run_verify(project: Project, source: Path | None, checkpoints: Path | None, 
     if jobs <= 0:  # signature workers pay off only on long logs (each costs a process start)
         long_log = source is not None and source.stat().st_size > PARALLEL_FROM * 600
         jobs = (os.cpu_count() or 1) if long_log or source is None else 1
-    verifier = Verifier(ring, notes, jobs=jobs)
+    verifier = Verifier(ring, notes, jobs=jobs, trust_checkpoints=trust_checkpoints)
     if source is None:
         asyncio.run(_verify_stream(project, verifier, show_progress, keep))
         return verifier.report, file_path
@@ -238,13 +238,18 @@ def verify_cmd(
         "--checkpoints", help="The orchestrator's checkpoint file.")] = None,
     jobs: Annotated[int, typer.Option(help="Processes checking signatures (0: one per CPU "
                                       "on long logs).")] = 0,
+    trust_checkpoints: Annotated[bool, typer.Option(
+        "--trust-checkpoints", help="Fast mode: check the signatures of the records after "
+        "the last signed checkpoint only; earlier records are covered by its signature "
+        "through the hash links. Links, gaps and checkpoints are still all checked.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Check every signature and link, that no record is missing, and the checkpoints;
     on failure say which record is the first bad one and why (exit 1)."""
     project = find_project(root)
     report, file_path = run_verify(project, input_file, checkpoints, jobs,
-                                   sys.stderr.isatty() and not as_json)
+                                   sys.stderr.isatty() and not as_json,
+                                   trust_checkpoints=trust_checkpoints)
     first = report.first
     if as_json:
         typer.echo(json.dumps({

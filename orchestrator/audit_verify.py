@@ -8,6 +8,13 @@ gives exactly what was signed, and any other difference fails the signature).
 
 Signatures dominate the cost (Ed25519 verification), so they can be checked in worker
 processes while the main process follows the chain; ``jobs`` sets how many.
+
+``trust_checkpoints`` is the fast mode for a long log on a small machine: a record
+before a signed checkpoint whose head matches the chain is already authenticated by
+that signature through the hash links (its hash, signature included, is in every
+later ``prev_hash`` up to the checkpoint), as in a transparency log; only the records
+after the last such checkpoint have their own signatures checked. Every link, gap and
+checkpoint is still checked. The default checks every record's signature.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from security.encoding import b64url_decode
 from security.keys import KeyRing, VerifyKey
 
 CHUNK = 2048
+MAX_UNCOVERED = 10_000  # fast mode: records held for a checkpoint before checking them anyway
 MAX_PROBLEMS = 50
 
 
@@ -97,8 +105,12 @@ class Verifier:
     """Feed records in stream order; ``report`` says what is wrong, first problem first."""
 
     def __init__(self, ring: KeyRing, file_notes: Iterable[str] = (), *, jobs: int = 1,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 trust_checkpoints: bool = False) -> None:
         self.ring = ring
+        self.trust_checkpoints = trust_checkpoints
+        # fast mode: records whose signatures wait for a checkpoint to cover them
+        self._uncovered: list[tuple[int, bytes, dict[str, object]]] = []
         self.keys = {key.kid: key for key in ring}
         self.jobs = jobs
         self.progress = progress
@@ -146,8 +158,9 @@ class Verifier:
             self._problem(seq, f"record {seq} is out of order (expected {self.expected})")
         elif prev != report.head:
             self._problem(seq, f"prev_hash does not match the hash of record {seq - 1}")
-        if record.get("kind") == "checkpoint":
-            self._checkpoint_record(seq, record)
+        if record.get("kind") == "checkpoint" and self._checkpoint_record(seq, record):
+            # the signed head covers every record before this one
+            self._uncovered = [item for item in self._uncovered if item[0] >= seq]
         expected_head = self.file_heads.get(seq)
         head = hashlib.sha256(raw).hexdigest()
         if expected_head is not None and expected_head != head:
@@ -159,21 +172,24 @@ class Verifier:
         self.expected = max(self.expected, seq) + 1
         return seq, record
 
-    def _checkpoint_record(self, seq: int, record: dict[str, object]) -> None:
+    def _checkpoint_record(self, seq: int, record: dict[str, object]) -> bool:
+        """True when the checkpoint is validly signed and matches the chain so far."""
         detail = record.get("detail")
         note = detail.get("note") if isinstance(detail, dict) else None
         if not isinstance(note, str):
             self._problem(seq, "checkpoint record holds no note")
-            return
+            return False
         try:
             checkpoint = cp.open_note(note, self.ring)
         except cp.CheckpointError as exc:
             self._problem(seq, f"checkpoint: {exc}")
-            return
+            return False
+        self.report.checkpoints += 1
         if checkpoint.size != seq - 1 or checkpoint.head != self.report.head:
             self._problem(seq, f"checkpoint for size {checkpoint.size} does not match the "
                           f"records before it")
-        self.report.checkpoints += 1
+            return False
+        return True
 
     def run(self, raws: Iterable[bytes]) -> Report:
         try:
@@ -186,6 +202,20 @@ class Verifier:
     def feed(self, chunk: list[bytes]) -> None:
         """Check the next records in stream order (any number; a few thousand at a time
         keeps the worker processes busy)."""
+        if self.trust_checkpoints:
+            for raw in chunk:
+                problems = len(self.report.problems)
+                seq, record = self._link(raw)
+                self._uncovered.append((seq, raw, record))
+                if len(self.report.problems) > problems:
+                    # a broken link: the signatures of this record and the one before
+                    # tell which of the two was changed
+                    self._check_uncovered(last=2)
+            if len(self._uncovered) > MAX_UNCOVERED:
+                self._check_uncovered()
+            if self.progress is not None:
+                self.progress(len(chunk))
+            return
         if self.jobs <= 1:
             for raw in chunk:
                 seq, record = self._link(raw)
@@ -204,8 +234,18 @@ class Verifier:
                 self._pending and self._pending[0][0].done()):
             self._collect(*self._pending.pop(0))
 
+    def _check_uncovered(self, last: int | None = None) -> None:
+        """Check the signatures of the uncovered records (only the ``last`` few if given)."""
+        keep = self._uncovered[:-last] if last else []
+        for seq, raw, record in self._uncovered[len(keep):]:
+            reason = _signature_problem(raw, self.keys, record or None)
+            if reason is not None:
+                self._problem(seq, reason)
+        self._uncovered = keep
+
     def finish(self) -> Report:
         """Wait for the signature checks still running and check the end of the log."""
+        self._check_uncovered()
         while self._pending:
             self._collect(*self._pending.pop(0))
         if self._pool is not None:
@@ -236,5 +276,7 @@ def _chunks(raws: Iterable[bytes]) -> Iterator[list[bytes]]:
 
 
 def verify(raws: Iterable[bytes], ring: KeyRing, file_notes: Iterable[str] = (), *,
-           jobs: int = 1, progress: Callable[[int], None] | None = None) -> Report:
-    return Verifier(ring, file_notes, jobs=jobs, progress=progress).run(raws)
+           jobs: int = 1, progress: Callable[[int], None] | None = None,
+           trust_checkpoints: bool = False) -> Report:
+    return Verifier(ring, file_notes, jobs=jobs, progress=progress,
+                    trust_checkpoints=trust_checkpoints).run(raws)

@@ -109,6 +109,9 @@ def test_an_untouched_log_verifies_from_the_stream_and_from_its_export(
                        "--checkpoints", str(written.checkpoints), "--json")
     assert code == 0, output
     assert json.loads(output)["ok"] is True
+    code, output = cli(written.broker, "verify", "--trust-checkpoints", "--checkpoints",
+                       str(written.checkpoints))
+    assert code == 0, output
 
 
 @pytest.mark.parametrize("case", ["changed", "removed", "swapped", "foreign_key",
@@ -139,10 +142,11 @@ def test_tampering_is_found_at_the_right_record(written: Written, tmp_path: Path
     elif case == "truncated_tail":
         lines = lines[:30]  # cut after checkpoint 22; the file's checkpoints cover 32 and 35
         expected = 31
-    for jobs in ("1", "2"):  # in process, and with signature worker processes
-        code, output = verify_copy(written, lines, tmp_path, "--jobs", jobs)
+    # in process, with signature worker processes, and trusting signed checkpoints
+    for options in (("--jobs", "1"), ("--jobs", "2"), ("--trust-checkpoints",)):
+        code, output = verify_copy(written, lines, tmp_path, *options)
         assert code == 1, output
-        assert f"FAILED verification at record {expected}:" in output, output
+        assert f"FAILED verification at record {expected}:" in output, (options, output)
 
 
 def test_without_a_checkpoint_file_a_changed_last_record_still_fails_its_signature(
