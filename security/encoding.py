@@ -17,14 +17,24 @@ class CanonicalizationError(SecurityError, ValueError):
     """The value cannot be signed: it has no RFC 8785 form (huge int, non-string key...)."""
 
 
+def _plain_float(value: float) -> bool:
+    """Floats that Python's ``repr`` writes exactly as RFC 8785 (ECMAScript) does: both
+    give the shortest digits that round-trip, closest to the value, and both use plain
+    decimal notation from 1e-4 up to 1e16, except that an integral float gets ``.0`` in
+    Python only. Timestamps (``time.time()``) are such floats."""
+    return 1e-4 <= abs(value) < 1e16 and not value.is_integer()
+
+
 def _stdlib_is_canonical(value: Any) -> bool:
     """True when sorted, compact ``json.dumps`` already yields RFC 8785 bytes for ``value``:
-    no floats (their formatting differs), integers within IEEE-754's exact range, and
+    integers within IEEE-754's exact range, plain floats (see ``_plain_float``), and
     ASCII keys (so code-point order equals the UTF-16 order RFC 8785 sorts by)."""
     if value is None or value is True or value is False or isinstance(value, str):
         return True
     if isinstance(value, int):
         return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if isinstance(value, float):
+        return _plain_float(value)
     if isinstance(value, list | tuple):
         return all(_stdlib_is_canonical(item) for item in value)
     if isinstance(value, dict):
