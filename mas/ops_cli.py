@@ -5,6 +5,7 @@ approval decisions are signed with the operator's key before they leave this mac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,16 +13,20 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
+import nats.js.errors
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from broker import connection
+from broker import subjects as subj
 from broker.errors import BrokerError
 from broker.secrets import load_identity
 from mas.approvals_watch import Watcher, WatchError, load_ntfy, pick_dialog
+from mas.audit_cli import StreamReader, parse_since
 from mas.project import Project, find_project
+from mas.tokens_list import token_rows
 from orchestrator.planners import (
     PlannerConfigError,
     WorkflowError,
@@ -33,7 +38,9 @@ from orchestrator.service import Orchestrator, WorkflowList
 from orchestrator.settings import OrchestratorSettingsError, load_orchestrator_settings
 from protocol import admin
 from protocol.approvals import AdminError, Approval, ApprovalList, ApprovalQuery
+from protocol.audit import AuditRecord
 from security.decisions import sign_decision
+from security.revocation import Revocation
 
 out = Console(highlight=False, soft_wrap=True)
 orchestrator_app = typer.Typer(help="The orchestrator service.", no_args_is_help=True)
@@ -359,3 +366,53 @@ def tokens_revoke(
         raise BrokerError(f"{target!r} is not a token id or agent name") from None
     result = asyncio.run(_ask(find_project(root), admin.REVOKE, request, admin.Ok))
     out.print(result.detail)
+
+
+@tokens_app.command("list")
+def tokens_list(
+    since: Annotated[str, typer.Option(help="How far back: 30m, 2h, 1d or an ISO time.")] = "1h",
+    show_all: Annotated[bool, typer.Option("--all", help="Also expired tokens.")] = False,
+    root: RootOption = None, as_json: JsonOption = False,
+) -> None:
+    """Tokens issued recently (from the audit log) and whether each is live, expired or
+    revoked (from the revocations bucket)."""
+    start = parse_since(since)
+    project = find_project(root)
+
+    async def read() -> tuple[list[AuditRecord], list[Revocation]]:
+        client = await connection.connect(load_identity(project.secrets, "operator"),
+                                          _url(project), max_reconnect_attempts=0)
+        try:
+            records = [AuditRecord.model_validate_json(raw) async for _, raw in
+                       StreamReader(client).records(since=start)]
+            kv = await client.nc.jetstream(timeout=5).key_value(subj.REVOCATIONS_BUCKET)
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            revocations = []
+            for key in keys:
+                entry = await kv.get(key)
+                with contextlib.suppress(ValidationError):
+                    revocations.append(Revocation.model_validate_json(entry.value or b""))
+            return records, revocations
+        finally:
+            await client.close()
+
+    records, revocations = asyncio.run(read())
+    rows = [r for r in token_rows(records, revocations, since=start or 0.0)
+            if show_all or r.state != "expired"]
+    if as_json:
+        typer.echo(json.dumps([r.model_dump() for r in rows], indent=2))
+        return
+    table = Table(title=f"Tokens issued since {since} ago" if since[-1:].isalpha()
+                  else f"Tokens issued since {since}")
+    for column in ("jti", "agent.action", "state", "expires", "single use", "approval"):
+        table.add_column(column, overflow="fold")
+    now = time.time()
+    for r in rows:
+        left = f"in {int(r.expires_at - now)}s" if r.expires_at > now else "past"
+        table.add_row(r.jti, f"{r.agent}.{r.action}", r.state, left,
+                      "yes" if r.single_use else "", r.approval_id or "")
+    out.print(table if rows else "no tokens issued in that period"
+              + ("" if show_all else " that are still live (--all shows expired ones)"))

@@ -94,6 +94,20 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
         tail = mas(root, "audit", "tail", "--json", "-n", "200")
         kinds = {json.loads(line)["kind"] for line in tail.stdout.splitlines() if line.strip()}
         assert {"approval_requested", "approval_decided", "token_issued", "command"} <= kinds
+
+        def tokens() -> list[dict[str, object]]:
+            listed = mas(root, "tokens", "list", "--all", "--json")
+            assert listed.returncode == 0, listed.stderr
+            return [t for t in json.loads(listed.stdout) if t["action"] == "send_message"]
+
+        [token] = tokens()
+        assert token["approval_id"] == approval["id"]
+        assert token["single_use"] is True
+        assert token["state"] in ("live", "expired")
+        assert mas(root, "tokens", "revoke", "notify", "--agent").returncode == 0
+        assert [t["state"] for t in tokens()] == ["revoked"]
+        assert mas(root, "tokens", "revoke", "notify", "--agent", "--lift").returncode == 0
+        assert [t["state"] for t in tokens()] != ["revoked"]
     finally:
         up.send_signal(signal.SIGINT)
         try:
