@@ -19,7 +19,6 @@ removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import platform
@@ -32,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from bench.bench_security import REPO, Broker, log
+from bench import common
+from bench.common import REPO, Result, log
+from bench.throwaway import Broker
 from broker.server import server_version
 
 AGENTS = ("aggregator", "anomaly", "backup", "health", "home", "notify")
@@ -160,7 +161,8 @@ def run(seconds: float, settle_s: float) -> tuple[list[Child], str]:
         broker.close()
 
 
-def report(measured: list[Child], seconds: float, settle_s: float, nats_version: str) -> str:
+def report(measured: list[Child], seconds: float, settle_s: float, nats_version: str
+           ) -> Result:
     base = statistics.median(measured[0].samples)
     lines = [
         "# Agent idle memory (RSS per process)",
@@ -181,21 +183,23 @@ def report(measured: list[Child], seconds: float, settle_s: float, nats_version:
     lines += ["", f"Agents: median {statistics.median(agents) / 1024:.1f} MiB, "
               f"{statistics.median(agents) / base:.2f}× the bare nats-py process "
               f"({base / 1024:.1f} MiB)."]
-    return "\n".join(lines) + "\n"
+    samples = {c.name: [kib / 1024 for kib in c.samples] for c in measured}
+    return Result("\n".join(lines) + "\n", samples=samples)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = common.parser("bench.bench_agents", __doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling time")
     parser.add_argument("--settle", type=float, default=5.0, help="idle time before sampling")
-    parser.add_argument("--out", type=Path, help="also write the report to this file")
-    args = parser.parse_args()
-    measured, version = run(args.seconds, args.settle)
-    text = report(measured, args.seconds, args.settle, version)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    args = parser.parse_args(argv)
+
+    def body() -> Result:
+        measured, version = run(args.seconds, args.settle)
+        return report(measured, args.seconds, args.settle, version)
+
+    return common.run(args, body)
 
 
 if __name__ == "__main__":
-    main()
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

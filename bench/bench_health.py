@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,17 +45,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import common
+from bench.common import REPO, Result, Target, log
+
 MIB = 1 << 20
 PARSERS = ("expat", "iterparse")
 RETENTION_DAYS = 90  # the agent's default: older records are skipped after their type
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- child
@@ -234,12 +230,16 @@ def measure(path: Path, rounds: int) -> tuple[dict[str, list[Run]], Run, dict[st
 
 
 def report(size: int, days: str, gen_seconds: float, records: int, rounds: int,
-           runs: dict[str, list[Run]], idle: Run, traced: dict[str, Run]) -> str:
+           runs: dict[str, list[Run]], idle: Run, traced: dict[str, Run]) -> Result:
     s = {p: Summary.of(rs, size) for p, rs in runs.items()}
     fast, base = s["expat"], s["iterparse"]
     speed, memory = fast.mb_s / base.mb_s, fast.rss_mib / base.rss_mib
     allocated = [traced[p].traced_mib or 0.0 for p in PARSERS]
     counts = runs["expat"][0].counts
+    targets = [Target("health parsing speed, agent / iterparse", speed, 1.0, at_most=False,
+                      source="issue 4"),
+               Target("health parsing peak RSS, agent / iterparse", memory, 1.0, at_most=True,
+                      source="issue 4")]
     lines = [
         "# Health export parsing benchmark", "",
         f"- Python: {platform.python_implementation()} {platform.python_version()} "
@@ -273,11 +273,8 @@ def report(size: int, days: str, gen_seconds: float, records: int, rounds: int,
         "tracemalloc peak: one extra untimed run per parser under tracemalloc, which sees "
         "every allocation made through Python's allocator during the parse (expat's own "
         "buffers included), so it isolates the parser from the interpreter's footprint.",
-        "", "## Target", "",
-        f"- speed: agent/baseline = {speed:.2f} (target >= 1.0): **{_verdict(speed >= 1)}**",
-        f"- peak RSS: agent/baseline = {memory:.2f} (target <= 1.0): "
-        f"**{_verdict(memory <= 1)}**", ""]
-    return "\n".join(lines)
+        "", "## Target", "", *(t.line() for t in targets), ""]
+    return Result("\n".join(lines), targets)
 
 
 def _own_peak_mib() -> float:
@@ -292,20 +289,10 @@ def _expat_version() -> str:
     return expat.EXPAT_VERSION.removeprefix("expat_")
 
 
-def _verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the cleanup below
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_health",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.parser("bench.bench_health", __doc__)
     parser.add_argument("--size-mb", type=int, default=1024, help="export size (MiB)")
     parser.add_argument("--rounds", type=int, default=3, help="parses per parser")
-    parser.add_argument("--out", type=Path, help="also write the report to this .md file")
     parser.add_argument("--child", nargs=2, metavar=("PARSER", "FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--generate", nargs=2, metavar=("MB", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -314,27 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.generate:
         return generate(int(args.generate[0]), Path(args.generate[1]))
 
-    signal.signal(signal.SIGTERM, _terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="mas-bench-health-"))
-    try:
-        log(f"generating about {args.size_mb} MiB in {tmp}")
-        path = tmp / "export.xml"
-        made, _ = spawn("--generate", str(args.size_mb), str(path))
-        log(f"generated {made['size'] / MIB:,.0f} MiB in {made['seconds']:.1f} s")
-        runs, idle, traced = measure(path, args.rounds)
-        text = report(made["size"], made["days"], made["seconds"], made["records"],
-                      args.rounds, runs, idle, traced)
-    except KeyboardInterrupt:
-        log("interrupted; temp files removed")
-        return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        log(f"wrote {args.out}")
-    return 0
+    def body() -> Result:
+        tmp = Path(tempfile.mkdtemp(prefix="mas-bench-health-"))
+        try:
+            log(f"generating about {args.size_mb} MiB in {tmp}")
+            path = tmp / "export.xml"
+            made, _ = spawn("--generate", str(args.size_mb), str(path))
+            log(f"generated {made['size'] / MIB:,.0f} MiB in {made['seconds']:.1f} s")
+            runs, idle, traced = measure(path, args.rounds)
+            return report(made["size"], made["days"], made["seconds"], made["records"],
+                          args.rounds, runs, idle, traced)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # no log set-up: this parent imports nothing beyond the standard library (see spawn)
+    return common.run(args, body, log_level=None)
 
 
 if __name__ == "__main__":

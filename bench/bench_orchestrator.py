@@ -19,9 +19,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import logging
-import os
-import signal
 import statistics
 import sys
 import time
@@ -31,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-import structlog
 
 from agents.aggregator import agent as aggregator
 from agents.anomaly import agent as anomaly
 from agents.notify import agent as notify
 from agents.runtime.service import AgentService
-from bench.bench_security import Broker, _terminate, log, machine_info, ops_per_second, percentile
+from bench import common
+from bench.common import Result, load_average, log, machine_info, ops_per_second, percentile
+from bench.throwaway import Broker
 from broker import connection
 from broker import subjects as subj
 from broker.connection import BrokerClient
@@ -444,13 +442,9 @@ def ms(seconds: list[float], q: float) -> float:
     return percentile(sorted(seconds), q) * 1000
 
 
-def load_average() -> str:
-    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
 def report(info: list[str], s: Settings, quick: bool, tokens: list[Micro],
            flows: dict[tuple[int, str], Run], trips: list[RoundTrip], webhook_posts: int,
-           elapsed: float) -> str:
+           elapsed: float) -> Result:
     lines = ["# Orchestrator benchmark", "", *info,
              f"- Mode: {'quick' if quick else 'full'}; workflows: {s.rounds} rounds (engine and "
              f"direct alternating), n={s.n_seq} one at a time, n={s.n_conc} at "
@@ -497,13 +491,13 @@ def report(info: list[str], s: Settings, quick: bool, tokens: list[Micro],
         lines.append(f"| {label} | {ms(values, 0.5):.1f} | {ms(values, 0.9):.1f} |")
     lines += ["", f"Webhook deliveries seen: {webhook_posts:,}. Total run time: {elapsed:.1f} s",
               ""]
-    return "\n".join(lines)
+    return Result("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- main
 
 
-async def amain(args: argparse.Namespace) -> str:
+async def amain(args: argparse.Namespace) -> Result:
     s = QUICK if args.quick else FULL
     started = time.perf_counter()
     info = [*machine_info(), f"- Load average (1, 5, 15 min) at start: {load_average()}"]
@@ -532,27 +526,9 @@ async def amain(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_orchestrator",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short run (under a minute)")
-    parser.add_argument("--out", type=Path, help="also write the report to this .md file")
-    args = parser.parse_args(argv)
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
-    # the services log every step at info; the benchmark's own progress is enough
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-                        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        text = asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        log("interrupted; server stopped and temp files removed")
-        return 130
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        log(f"wrote {args.out}")
-    return 0
+    args = common.parser("bench.bench_orchestrator", __doc__,
+                         quick="short run (under a minute)").parse_args(argv)
+    return common.run(args, lambda: amain(args))
 
 
 if __name__ == "__main__":

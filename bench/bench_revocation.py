@@ -17,25 +17,23 @@ agent kill switch and lifting it. The server and temp folder are removed at the 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import statistics
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-import structlog
 from pydantic import BaseModel
 
 from agents.runtime import Agent, Context
 from agents.runtime.service import AgentService
-from bench.bench_security import Broker, _terminate, log, machine_info, percentile
+from bench import common
+from bench.common import Result, Target, machine_info, percentile
+from bench.throwaway import Broker
 from broker import connection
 from broker.connection import BrokerClient
 from broker.secrets import load_identity
@@ -173,8 +171,10 @@ async def measure(n: int, warmup: int) -> tuple[list[Series], str]:
         broker.close()
 
 
-def report(series: list[Series], check: str, n: int, seconds: float) -> str:
+def report(series: list[Series], check: str, n: int, seconds: float) -> Result:
     worst_p90 = max(percentile(sorted(s.applied_ms), 0.9) for s in series)
+    target = Target("revocation applied by the agent, worst p90 (ms)", worst_p90, 1000,
+                    at_most=True, source="issue 3")
     lines = [
         "# Revocation propagation",
         "",
@@ -191,7 +191,7 @@ def report(series: list[Series], check: str, n: int, seconds: float) -> str:
         "",
         f"- Command sent while the agent was revoked: refused by the agent with `{check}`.",
         f"- Target from issue 3: refused within 1 s; worst p90 here {worst_p90:.2f} ms "
-        f"({'met' if worst_p90 < 1000 else 'NOT met'}).",
+        f"(**{common.verdict(target.met)}**).",
         "- Orchestrator, agent and operator share this process and one event loop (and "
         "the machine's cores with nats-server): the CPU work of every side is in these "
         "figures, one after the other.",
@@ -200,37 +200,24 @@ def report(series: list[Series], check: str, n: int, seconds: float) -> str:
         "",
         *machine_info(),
     ]
-    return "\n".join(lines) + "\n"
+    samples = {s.name: s.applied_ms for s in series}
+    return Result("\n".join(lines) + "\n", [target], samples)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_revocation",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = common.parser("bench.bench_revocation", __doc__, quick="10 of each, for a smoke run")
     parser.add_argument("--n", type=int, default=50, help="revocations of each kind (50)")
-    parser.add_argument("--quick", action="store_true", help="10 of each, for a smoke run")
-    parser.add_argument("--out", type=Path, help="also write the report to this .md file")
     args = parser.parse_args(argv)
     n = 10 if args.quick else args.n
     if n < 1:
         parser.error("--n must be at least 1")
-    # the services log every request at info; only the report belongs on stdout
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    logging.getLogger("asyncio").addFilter(lambda r: "eof_received" not in r.getMessage())
-    signal.signal(signal.SIGTERM, _terminate)
-    started = time.perf_counter()
-    try:
+
+    def body() -> Result:
+        started = time.perf_counter()
         series, check = asyncio.run(measure(n, warmup=3))
-    except KeyboardInterrupt:
-        log("interrupted; server stopped and temp files removed")
-        return 130
-    text = report(series, check, n, time.perf_counter() - started)
-    print(text, end="")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        log(f"wrote {args.out}")
-    return 0
+        return report(series, check, n, time.perf_counter() - started)
+
+    return common.run(args, body, log_level=logging.ERROR)
 
 
 if __name__ == "__main__":

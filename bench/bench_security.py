@@ -16,33 +16,22 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import logging
-import math
-import os
-import platform
-import shutil
-import signal
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from types import FrameType
+from dataclasses import dataclass, field
 
+from bench import common
+from bench.common import Result, Target, log, machine_info, ops_per_second, percentile
+from bench.throwaway import Broker
 from broker import connection
-from broker.compiler import compile_config
 from broker.connection import BrokerClient, SignedMessage
-from broker.secrets import SecretsLayout, init_secrets, load_identity
-from broker.server import NatsServer, server_version
-from mas.project import Project
+from broker.secrets import SecretsLayout, load_identity
 from security.envelope import EnvelopeSigner, EnvelopeVerifier
 from security.errors import TokenError
 from security.tokens import TokenIssuer, TokenVerifier
 
-REPO = Path(__file__).resolve().parent.parent
 REQUESTER = "orchestrator"
 AUDIENCE = "health"
 ACTION = "daily_summary"
@@ -70,85 +59,6 @@ FULL = Settings(micro_seconds=1.0, micro_rounds=3, warmup=500, rounds=5, n_seq=2
                 n_conc=6000)
 QUICK = Settings(micro_seconds=0.2, micro_rounds=3, warmup=100, rounds=3, n_seq=500,
                  n_conc=1000)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list."""
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def ops_per_second(fn: Callable[[], object], seconds: float, rounds: int) -> float:
-    """Median over ``rounds`` of calls per second, each round running ``seconds``."""
-    batch = 50
-    rates = []
-    for _ in range(rounds):
-        gc.collect()
-        done = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(batch):
-                fn()
-            done += batch
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-        rates.append(done / elapsed)
-    return statistics.median(rates)
-
-
-# --------------------------------------------------------------------------- project
-
-
-class Broker:
-    """A throwaway project (repo policy, fresh secrets, compiled config) and its server."""
-
-    def __init__(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="mas-bench-"))
-        self.project = Project(self.tmp / "project")
-        self.server: NatsServer | None = None
-
-    @property
-    def secrets(self) -> SecretsLayout:
-        return self.project.secrets
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"tls://127.0.0.1:{self.server.port}"
-
-    def start(self) -> None:
-        self.project.root.mkdir(parents=True)
-        shutil.copy(REPO / "policy.yaml", self.project.policy_path)
-        policy = self.project.policy()
-        init_secrets(policy, self.secrets)
-        self.project.config_path.write_text(compile_config(policy))
-        self.server = NatsServer(config=self.project.config_path, cwd=self.project.root,
-                                 log_file=self.tmp / "nats-server.log", port=free_port(),
-                                 http_port=free_port())
-        self.server.check_config()
-        self.server.start()
-        self.server.wait_ready(policy.broker.monitor)
-
-    def close(self) -> None:
-        try:
-            if self.server is not None:
-                self.server.stop()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 async def settle(*clients: BrokerClient) -> None:
@@ -212,6 +122,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     rps: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # sorted
 
 
 class Pair:
@@ -311,27 +222,30 @@ async def measure(op: Callable[[], Awaitable[None]], n: int, inflight: int) -> R
         start = clock()
         await asyncio.gather(*(one() for _ in range(n)))
         wall = clock() - start
-    latencies.sort()
-    return Run(p50_ms=percentile(latencies, 0.50) * 1000,
-               p99_ms=percentile(latencies, 0.99) * 1000, rps=n / wall)
+    latencies_ms = sorted(x * 1000 for x in latencies)
+    return Run(p50_ms=percentile(latencies_ms, 0.50), p99_ms=percentile(latencies_ms, 0.99),
+               rps=n / wall, latencies_ms=latencies_ms)
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Medians over rounds of the per-round p50, p99 and throughput."""
+    """Medians over rounds of the per-round p50, p99 and throughput; every request's
+    latency of every round (for the plot)."""
 
     p50_ms: float
     p99_ms: float
     rps: float
     rps_min: float
     rps_max: float
+    latencies_ms: list[float] = field(repr=False)
 
     @classmethod
     def of(cls, runs: list[Run]) -> Summary:
         rps = [r.rps for r in runs]
         return cls(statistics.median(r.p50_ms for r in runs),
                    statistics.median(r.p99_ms for r in runs),
-                   statistics.median(rps), min(rps), max(rps))
+                   statistics.median(rps), min(rps), max(rps),
+                   [x for r in runs for x in r.latencies_ms])
 
 
 async def request_reply(broker: Broker, s: Settings) -> dict[tuple[int, str], Summary]:
@@ -374,29 +288,8 @@ async def request_reply(broker: Broker, s: Settings) -> dict[tuple[int, str], Su
 # --------------------------------------------------------------------------- report
 
 
-def machine_info() -> list[str]:
-    from importlib.metadata import version
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = os.cpu_count() or 0
-    return [
-        f"- Python: {platform.python_implementation()} {platform.python_version()} "
-        f"({platform.system()} {platform.release()}, {platform.machine()})",
-        f"- nats-server: {server_version()}",
-        f"- CPUs: {os.cpu_count()} (usable by this process: {affinity})",
-        f"- nats-py {version('nats-py')}, PyNaCl {version('pynacl')}, "
-        f"pydantic {version('pydantic')}",
-    ]
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
-
-
 def report(info: list[str], s: Settings, quick: bool, micro: list[MicroResult],
-           rr: dict[tuple[int, str], Summary], elapsed: float) -> str:
+           rr: dict[tuple[int, str], Summary], elapsed: float) -> Result:
     lines = ["# Security layer benchmark", "", *info,
              f"- Mode: {'quick' if quick else 'full'}; request/reply: {s.rounds} rounds "
              f"(raw and secured alternating), n={s.n_seq} at 1 in flight, n={s.n_conc} at "
@@ -425,23 +318,22 @@ def report(info: list[str], s: Settings, quick: bool, micro: list[MicroResult],
             rps_ratio = sec.rps / raw.rps
             lines.append(f"| {inflight} | **{mode} / raw** | **{p50_ratio:.2f}x** | "
                          f"{sec.p99_ms / raw.p99_ms:.2f}x | **{rps_ratio:.2f}x** | |")
-            targets.append(f"- {inflight} in flight, {mode}: p50 latency / raw = "
-                           f"{p50_ratio:.2f} (target <= {TARGET_P50_RATIO}): "
-                           f"**{verdict(p50_ratio <= TARGET_P50_RATIO)}**; throughput / raw = "
-                           f"{rps_ratio:.2f} (target >= {TARGET_TPUT_RATIO}): "
-                           f"**{verdict(rps_ratio >= TARGET_TPUT_RATIO)}**")
-    lines += ["", "## Targets", "", *targets, "", f"Total run time: {elapsed:.1f} s", ""]
-    return "\n".join(lines)
+            where = f"{inflight} in flight, {mode}"
+            targets += [Target(f"{where}: p50 latency / raw", p50_ratio, TARGET_P50_RATIO,
+                               at_most=True, source="issues 2 and 8"),
+                        Target(f"{where}: throughput / raw", rps_ratio, TARGET_TPUT_RATIO,
+                               at_most=False, source="issue 8")]
+    lines += ["", "## Targets", "", *(t.line() for t in targets), "",
+              f"Total run time: {elapsed:.1f} s", ""]
+    samples = {f"{inflight}|{mode}": summary.latencies_ms
+               for (inflight, mode), summary in rr.items()}
+    return Result("\n".join(lines), targets, samples)
 
 
 # --------------------------------------------------------------------------- main
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the cleanup below
-
-
-async def amain(args: argparse.Namespace) -> str:
+async def amain(args: argparse.Namespace) -> Result:
     s = QUICK if args.quick else FULL
     started = time.perf_counter()
     info = machine_info()
@@ -458,25 +350,9 @@ async def amain(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_security",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short run (about 15 s)")
-    parser.add_argument("--out", type=Path, help="also write the report to this .md file")
-    args = parser.parse_args(argv)
-    # asyncio's SSL transport warns when nats-py closes a TLS connection; not our concern
-    logging.getLogger("asyncio").addFilter(lambda r: "eof_received" not in r.getMessage())
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        text = asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        log("interrupted; server stopped and temp files removed")
-        return 130
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        log(f"wrote {args.out}")
-    return 0
+    args = common.parser("bench.bench_security", __doc__, quick="short run (about 15 s)"
+                         ).parse_args(argv)
+    return common.run(args, lambda: amain(args))
 
 
 if __name__ == "__main__":
