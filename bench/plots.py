@@ -75,6 +75,7 @@ def memory(samples: dict[str, list[float]], path: Path) -> None:
     for y, value in enumerate(medians):
         ax.text(value, y, f" {value:.1f}", va="center", fontsize="small")
     ax.invert_yaxis()
+    ax.set_xlim(0, max(v + e for v, e in zip(medians, errors[1], strict=True)) * 1.15)
     ax.set_xlabel("idle RSS, MiB (median; grey: references)")
     ax.set_title("idle memory per process")
     fig.tight_layout()
