@@ -12,6 +12,11 @@ account boundaries only where this module exports and imports them:
 - ``mas.orch.*`` requests: service exports of PLATFORM, imported by every agent
 - ``mas.revocation.>``: stream export of PLATFORM to every agent; ``mas.audit.>`` only to
   agents with ``read_streams: [audit]``
+- the audit stream itself, to those agents: the fetch and ack subjects of their one
+  durable consumer on ``MAS_AUDIT`` (service exports of PLATFORM; the fetch subject is
+  imported under ``subjects.AUDIT_API``, so it cannot clash with the agent's own
+  ``$JS.API``). Deliveries come back through the import's reply mapping, never to a
+  PLATFORM subject the agent names; no other JetStream API of PLATFORM is reachable.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Import:
     kind: Literal["service", "stream"]
     account: str
     subject: str
+    to: str | None = None  # the local subject, when not the exported one
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,13 @@ def build_accounts(policy: Policy) -> list[Account]:
     readers = tuple(subj.account(a) for a in agents if "audit" in policy.agents[a].read_streams)
     if readers:
         platform.exports.append(Export("stream", subj.AUDIT_FEED, readers))
+    for reader in (a for a in agents if "audit" in policy.agents[a].read_streams):
+        platform.exports += [
+            Export("service", subj.audit_next(reader), (subj.account(reader),),
+                   response_threshold=PLATFORM_RESPONSE_THRESHOLD, response_type="stream"),
+            Export("service", subj.audit_acks(reader), (subj.account(reader),),
+                   response_threshold=PLATFORM_RESPONSE_THRESHOLD),
+        ]
 
     for name in agents:
         agent, acct = policy.agents[name], accounts[subj.account(name)]
@@ -123,7 +136,12 @@ def build_accounts(policy: Policy) -> list[Account]:
             acct.imports.append(Import("service", PLATFORM, service))
         acct.imports.append(Import("stream", PLATFORM, subj.REVOCATIONS))
         if "audit" in agent.read_streams:
-            acct.imports.append(Import("stream", PLATFORM, subj.AUDIT_FEED))
+            acct.imports += [
+                Import("stream", PLATFORM, subj.AUDIT_FEED),
+                Import("service", PLATFORM, subj.audit_next(name),
+                       to=subj.audit_next(name, subj.AUDIT_API)),
+                Import("service", PLATFORM, subj.audit_acks(name)),
+            ]
         for grant in agent_publishes(name, agent):
             readers_of = [PLATFORM] if any(subj.overlaps(grant, s) for s in subj.PLATFORM_FEEDS) \
                 else []

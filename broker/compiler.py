@@ -83,8 +83,9 @@ def _account(account: Account, users: list[Permissions]) -> list[str]:
     if account.imports:
         out.append("    imports: [")
         for i in account.imports:
+            to = f", to: {_q(i.to)}" if i.to else ""
             out.append(f"      {{ {i.kind}: {{ account: {_q(i.account)}, "
-                       f"subject: {_q(i.subject)} }} }}")
+                       f"subject: {_q(i.subject)} }}{to} }}")
         out.append("    ]")
     out.append("  }")
     return out

@@ -76,6 +76,13 @@ def _event_feed(agent: str) -> list[str]:
     ]
 
 
+def _audit_feed(agent: str) -> list[str]:
+    """Fetch from and acknowledge the agent's one durable consumer on the audit stream,
+    which the orchestrator creates (``broker/accounts.py`` imports exactly these two from
+    PLATFORM). No consumer create, update or delete, no stream or direct-get API."""
+    return [subj.audit_next(agent, subj.AUDIT_API), subj.audit_acks(agent)]
+
+
 def _audit_write() -> list[str]:
     s = subj.AUDIT_STREAM
     return [
@@ -120,8 +127,10 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
         notes.append(f"stream {subj.event_stream(name)} of its subscribed events in its own "
                      "account: one durable consumer")
     if "audit" in agent.read_streams:
+        publish += _audit_feed(name)
         subscribe.append(subj.AUDIT_FEED)
-        notes.append("audit records: live, read-only")
+        notes.append(f"stream {subj.AUDIT_STREAM}: read-only, through its one durable "
+                     "consumer (made by the orchestrator); also live")
     return Permissions(
         identity=name,
         role=f"agent ({agent.kind.value}, {agent.tier.value})",

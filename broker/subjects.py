@@ -71,6 +71,29 @@ EVENT_STREAM_MAX_MSGS = 100_000
 EVENT_MAX_DELIVER = 5
 
 
+# The audit stream reaches each agent granted ``read_streams: [audit]`` through one durable
+# pull consumer on MAS_AUDIT named after it, created by the orchestrator (the stream's
+# owner) and shared by the agent's replicas (agents/runtime/audit_feed.py). The agent
+# gets exactly two service imports from PLATFORM: the fetch subject of that consumer,
+# mapped under AUDIT_API so it never meets its own account's $JS.API, and the acks.
+AUDIT_API = "$MAS.PLATFORM.JS"
+AUDIT_MAX_DELIVER = 5
+AUDIT_MAX_ACK_PENDING = 64
+AUDIT_MAX_WAITING = 16  # pull requests waiting at once, all replicas together
+AUDIT_MAX_BATCH = 64
+AUDIT_MAX_EXPIRES_S = 8.0  # under the 10 s life of the import's reply mapping
+AUDIT_ACK_WAIT_S = 60.0
+
+
+def audit_next(agent: str, prefix: str = "$JS.API") -> str:
+    """The fetch subject of ``agent``'s audit consumer: in PLATFORM, or as imported."""
+    return f"{prefix}.CONSUMER.MSG.NEXT.{AUDIT_STREAM}.{agent}"
+
+
+def audit_acks(agent: str) -> str:
+    return f"$JS.ACK.{AUDIT_STREAM}.{agent}.>"
+
+
 SRV_VERBS = ("PING", "INFO", "STATS")
 
 
@@ -95,6 +118,11 @@ def event_stream(agent: str) -> str:
 def durable(subject: str) -> bool:
     """True when events on ``subject`` reach a subscriber through its event stream."""
     return any(within(subject, family) for family in DURABLE_FEEDS)
+
+
+def audited(subject: str) -> bool:
+    """True when records on ``subject`` reach a reader through its audit consumer."""
+    return within(subject, AUDIT_FEED)
 
 
 def validate_pattern(subject: str) -> str | None:

@@ -4,8 +4,9 @@ Each record's ``prev_hash`` is the SHA-256 of the previous record's canonical JS
 ``sig`` the orchestrator's Ed25519 signature over the record without ``sig``. Appends
 carry ``Nats-Expected-Last-Sequence``, so a second writer cannot fork the chain; the
 stream denies delete and purge and discards new records (never old ones) when full.
-Records are also published in a signed envelope, so subscribers (the anomaly agent)
-can authenticate them live.
+Records are also published in a signed envelope, so readers (the anomaly agent) can
+authenticate them; each agent granted ``read_streams: [audit]`` reads the stream through
+the durable consumer ``open_readers`` makes for it at every start.
 
 Every ``CHECKPOINT_EVERY`` records, every ``CHECKPOINT_INTERVAL_S`` seconds with new
 records, at start and at close, the writer signs a checkpoint (``orchestrator.checkpoint``)
@@ -19,11 +20,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import structlog
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from broker import subjects as subj
 from broker import tracing
@@ -62,6 +73,45 @@ def stream_config() -> StreamConfig:
         name=subj.AUDIT_STREAM, subjects=[subj.AUDIT_SUBJECTS], storage=StorageType.FILE,
         discard=DiscardPolicy.NEW, max_bytes=MAX_BYTES, deny_delete=True, deny_purge=True,
         allow_rollup_hdrs=False)
+
+
+@dataclass
+class ReaderConfig(ConsumerConfig):
+    """nats-py's consumer config plus the server's limits on one pull request."""
+
+    max_batch: int | None = None
+    max_expires: float | None = None  # seconds
+
+    def as_dict(self) -> dict[str, object]:
+        result = super().as_dict()
+        if self.max_expires is not None:
+            result["max_expires"] = self._to_nanoseconds(self.max_expires)
+        return result
+
+
+def reader_config(agent: str) -> ReaderConfig:
+    """The durable consumer ``agent`` reads the log through (``read_streams: [audit]``):
+    pull only, each record acknowledged, redelivered a bounded number of times, from the
+    records appended after it was first made (not the whole history)."""
+    return ReaderConfig(
+        name=agent, durable_name=agent, description=f"audit records for {agent}",
+        deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=subj.AUDIT_ACK_WAIT_S, max_deliver=subj.AUDIT_MAX_DELIVER,
+        max_ack_pending=subj.AUDIT_MAX_ACK_PENDING, max_waiting=subj.AUDIT_MAX_WAITING,
+        max_batch=subj.AUDIT_MAX_BATCH, max_expires=subj.AUDIT_MAX_EXPIRES_S)
+
+
+async def open_readers(js: Any, readers: Iterable[str]) -> list[str]:
+    """Make (or keep) each reader's consumer; returns the readers it failed for, each
+    logged, so a bad one does not stop the orchestrator from auditing."""
+    failed = []
+    for agent in readers:
+        try:
+            await js.add_consumer(subj.AUDIT_STREAM, reader_config(agent))
+        except nats.errors.Error as exc:
+            log.error("audit.reader_failed", agent=agent, error=str(exc)[:200])
+            failed.append(agent)
+    return failed
 
 
 class AuditLog:

@@ -27,7 +27,7 @@ from broker.revocations import RevocationAuthority
 from broker.secrets import IdentityMaterial
 from orchestrator import checkpoint
 from orchestrator.approvals import ApprovalError, ApprovalStore
-from orchestrator.audit import AuditLog
+from orchestrator.audit import AuditLog, open_readers
 from orchestrator.dispatch import AgentCaller
 from orchestrator.engine import Engine
 from orchestrator.errors import Refusal
@@ -78,6 +78,8 @@ class Orchestrator:
         js = client.nc.jetstream(timeout=5)
         self.audit_log = await AuditLog(client, self.material.signing_key,
                                         checkpoint_file=checkpoint.default_file()).open()
+        await open_readers(js, sorted(a for a, spec in self.policy.agents.items()
+                                      if "audit" in spec.read_streams))
         self.broker_log = await BrokerLogWatcher.start(self.audit_log, self.material)
         self.revocations = await RevocationAuthority.start(client)
         approvals_kv = await js.create_key_value(bucket=subj.APPROVALS_BUCKET, history=5)

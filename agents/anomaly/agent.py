@@ -1,6 +1,9 @@
 """The anomaly agent: every audit record the orchestrator appends goes through the
 detectors; each alert is published on ``mas.alert.<kind>`` and kept for
-``recent_alerts``. State is in memory: after a restart the baselines are learned again."""
+``recent_alerts``. The runtime hands it the records from its durable consumer on the
+audit stream (``agents/runtime/audit_feed.py``), so what was appended while it was down
+is examined when it is back. State is in memory: after a restart the baselines are
+learned again."""
 
 from __future__ import annotations
 

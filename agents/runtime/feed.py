@@ -15,6 +15,7 @@ line. Envelope checks stay: the signature, a sender the subject belongs to
 rather than when it is read, so a stored event is not stale because its reader was
 down, while a replay published later is. A replay inside that window has a new stream
 sequence under a nonce already seen and is refused (per process, like the live path).
+``audit_feed.AuditFeed`` reads the platform's audit stream the same way.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class _ByStreamSequence(NonceCache):
 
 
 class EventFeed:
+    # how old a stored message may be; the event stream drops older ones anyway
+    max_age_ms = subj.EVENT_STREAM_MAX_AGE_S * 1000
+
     def __init__(self, client: BrokerClient, agent: str, events: list[EventDef],
                  context: Context, settings: FeedSettings | None = None) -> None:
         self.client = client
@@ -81,7 +85,7 @@ class EventFeed:
         self.subjects = list(dict.fromkeys(e.subject for e in events))
         self.verifier = EnvelopeVerifier(
             client.material.trust.sender_rings(),
-            window_ms=subj.EVENT_STREAM_MAX_AGE_S * 1000, nonces=_ByStreamSequence())
+            window_ms=self.max_age_ms, nonces=_ByStreamSequence())
         self._nonces: OrderedDict[str, int] = OrderedDict()  # nonce -> stream sequence
         self._stopping = asyncio.Event()
         self._fetching = False
@@ -89,6 +93,12 @@ class EventFeed:
         self._sub: Any = None
 
     async def start(self) -> None:
+        self._sub = await self._bind()
+        self._task = asyncio.create_task(self._loop())
+
+    async def _bind(self) -> Any:
+        """Create (or update) the stream and the consumer in the agent's own account, and
+        return a pull subscription bound to the consumer."""
         js = self.client.nc.jetstream(timeout=5)
         config = StreamConfig(
             name=self.stream, subjects=self.subjects, storage=StorageType.FILE,
@@ -106,8 +116,7 @@ class EventFeed:
             name=self.agent, durable_name=self.agent, ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL, max_deliver=s.max_deliver,
             ack_wait=s.ack_wait_s, max_ack_pending=256))
-        self._sub = await js.pull_subscribe_bind(durable=self.agent, stream=self.stream)
-        self._task = asyncio.create_task(self._loop())
+        return await js.pull_subscribe_bind(durable=self.agent, stream=self.stream)
 
     async def stop(self) -> None:
         """Finish the event in hand (it is acknowledged), then stop pulling."""

@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ValidationError
 
+from agents.runtime.audit_feed import AuditFeed
 from agents.runtime.context import UPDATE_ATTEMPTS, Change, Context, Event, StateConflict
 from agents.runtime.declare import ActionDef, ActionError, Agent, EventDef, PollDef
 from agents.runtime.feed import EventFeed, FeedSettings
@@ -67,6 +68,7 @@ class AgentService:
         self.register = register
         self.feed_settings = feed
         self.feed: EventFeed | None = None
+        self.audit_feed: AuditFeed | None = None
         self.discovery: Discovery | None = None
         self.instance = f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:8]}"
         self.started = time.time()
@@ -105,13 +107,17 @@ class AgentService:
         self._subs.append(await client.subscribe(
             subj.commands(name), self._on_command, queue=name, on_refused=self._on_bad_envelope))
         for event in self.agent.events:
-            if not subj.durable(event.subject):
+            if not subj.durable(event.subject) and not subj.audited(event.subject):
                 self._subs.append(await client.subscribe(
                     event.subject, self._event_handler(event), queue=name))
         stored = [e for e in self.agent.events if subj.durable(e.subject)]
         if stored:
             self.feed = EventFeed(client, name, stored, self.context, self.feed_settings)
             await self.feed.start()
+        audit = [e for e in self.agent.events if subj.audited(e.subject)]
+        if audit:
+            self.audit_feed = AuditFeed(client, name, audit, self.context, self.feed_settings)
+            await self.audit_feed.start()
         self.discovery = Discovery(
             client.nc, name, self.agent.version, self.agent.description,
             [_endpoint(name, a) for a in self.agent.actions.values()],
@@ -137,6 +143,8 @@ class AgentService:
             self.ready_file.unlink(missing_ok=True)
         if self.feed is not None:
             await self.feed.stop()
+        if self.audit_feed is not None:
+            await self.audit_feed.stop()
         for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.drain()  # type: ignore[no-untyped-call]

@@ -25,6 +25,7 @@ from agents.runtime.service import AgentService
 from broker.connection import SignedMessage
 from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
+from orchestrator.audit import open_readers, stream_config
 from orchestrator.dispatch import AgentCaller
 from protocol.actions import Completed
 from protocol.audit import AuditRecord
@@ -362,9 +363,13 @@ async def test_the_running_agent_alerts_on_audit_records_and_answers_recent_aler
     fresh_broker: RunningBroker, connect_fresh: ConnectAs,
 ) -> None:
     """A broker of its own: the records published here must not land in an audit stream
-    another test created on the shared one."""
+    another test created on the shared one. The agent reads them from the stream through
+    the consumer the orchestrator makes for it (tests/test_audit_feed.py has the rest)."""
     orch = await connect_fresh("orchestrator")
     await RevocationAuthority.start(orch)
+    js = orch.nc.jetstream(timeout=3)
+    await js.add_stream(stream_config())
+    assert await open_readers(js, ["anomaly"]) == []
     issuer = TokenIssuer("orchestrator",
                          load_identity(fresh_broker.secrets, "orchestrator").signing_key)
     alerts: list[SignedMessage] = []
@@ -387,7 +392,7 @@ async def test_the_running_agent_alerts_on_audit_records_and_answers_recent_aler
         for record in records:
             await orch.publish(f"mas.audit.{record.kind}", record)
         await orch.sync()
-        await eventually(lambda: bool(alerts), timeout=5, what="an alert")
+        await eventually(lambda: bool(alerts), timeout=20, what="an alert")
         [msg] = alerts
         assert (msg.subject, msg.sender) == ("mas.alert.refusal_burst", "anomaly")
         published = AnomalyAlert.model_validate_json(msg.data)
