@@ -72,8 +72,10 @@ HEADER = f"""\
 # Networks: each agent has an internal network of its own whose only other members are
 # nats (and egress for the scoped tier); the full tier adds a network of the agent's own
 # with internet access. The orchestrator and control share the internal `platform`
-# network with nats. Only init runs as root (no network; it writes ./secrets); only
-# control mounts the Docker socket (set MAS_DOCKER_GID to the socket's group on Linux).
+# network with nats. Internal networks give the host no address (inhibit_ipv4), so no
+# container on them reaches a host service either. Only init runs as root (no network;
+# it writes ./secrets); only control mounts the Docker socket (set MAS_DOCKER_GID to the
+# socket's group on Linux).
 #
 # nats runs the committed {CONFIG_NAME}, included by {MONITOR_CONFIG}, which only moves
 # monitoring to the `{MONITOR_NETWORK}` network (nats alone, no NAT to the outside): that
@@ -193,6 +195,12 @@ def internet_network(name: str) -> str:
 
 PLATFORM_NETWORK = "platform"
 EGRESS_INTERNET = "egress_internet"
+# No route out, and no address of the host on it either: an internal bridge still gives
+# the host an address on the network's subnet, where a container reaches every host
+# service listening on all interfaces. inhibit_ipv4 leaves the bridge without one.
+def _internal() -> dict[str, Any]:
+    return {"internal": True,
+            "driver_opts": {"com.docker.network.bridge.inhibit_ipv4": "true"}}
 
 
 def agent_data_dir(name: str) -> str:
@@ -388,7 +396,7 @@ def compose_document(policy: Policy) -> dict[str, Any]:
         services[name] = _agent_service(policy, name, policy.agents[name])
 
     networks: dict[str, Any] = {
-        PLATFORM_NETWORK: {"internal": True},
+        PLATFORM_NETWORK: _internal(),
         # Needed to publish a port; without masquerading nats gets no route out through it.
         MONITOR_NETWORK: {"internal": False, "driver_opts": {
             "com.docker.network.bridge.enable_ip_masquerade": "false"}},
@@ -396,7 +404,7 @@ def compose_document(policy: Policy) -> dict[str, Any]:
     if scoped:
         networks[EGRESS_INTERNET] = {"internal": False}
     for name in agents:
-        networks[agent_network(name)] = {"internal": True}
+        networks[agent_network(name)] = _internal()
         if policy.agents[name].tier is Tier.full:
             networks[internet_network(name)] = {"internal": False}
 

@@ -402,6 +402,10 @@ def test_every_shared_network_is_internal(committed: dict[str, Any]) -> None:
             assert len(members(committed, net)) == 1, net
     assert committed["networks"]["platform"]["internal"] is True
     assert members(committed, "platform") == {"nats", "orchestrator", "control"}
+    # and the host has no address on any internal network (so no service of its is reachable)
+    for net, spec in committed["networks"].items():
+        if spec.get("internal"):
+            assert spec["driver_opts"] == {"com.docker.network.bridge.inhibit_ipv4": "true"}, net
 
 
 def test_only_control_has_the_docker_socket(committed: dict[str, Any]) -> None:
