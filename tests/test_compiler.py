@@ -373,4 +373,6 @@ def test_accounts_cap_what_one_agent_can_hold(policy_key: str) -> None:
     text = compile_config(POLICIES[policy_key])
     agents = len(POLICIES[policy_key].agents)
     assert text.count("    limits: { max_connections: ") == agents
-    assert text.count('response_threshold: "10s"') == len(subj.ORCH_SERVICES)
+    # the orchestrator's services, and each audit reader's fetch and ack subjects
+    readers = sum("audit" in a.read_streams for a in POLICIES[policy_key].agents.values())
+    assert text.count('response_threshold: "10s"') == len(subj.ORCH_SERVICES) + 2 * readers
