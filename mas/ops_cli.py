@@ -131,11 +131,12 @@ def orchestrator_run(root: RootOption = None) -> None:
     except (PlannerConfigError, WorkflowError) as exc:
         raise BrokerError(f"planner: {exc}") from None
     try:
-        ttl = load_orchestrator_settings().approval_ttl_s
+        own = load_orchestrator_settings()
     except OrchestratorSettingsError as exc:
         raise BrokerError(str(exc)) from None
     service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
-                           _url(project), planner=planner, library=library, approval_ttl_s=ttl)
+                           _url(project), planner=planner, library=library,
+                           approval_ttl_s=own.approval_ttl_s, ready_file=own.ready_file)
     asyncio.run(service.run())
 
 

@@ -13,6 +13,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import nats.js.errors
 import structlog
@@ -51,6 +52,7 @@ from security.tokens import TokenIssuer
 log = structlog.get_logger("mas.orchestrator")
 OPERATOR = "operator"
 SWEEP_S = 2.0
+READY_EVERY_S = 5.0
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024
 
 
@@ -61,7 +63,7 @@ class WorkflowList(BaseModel):
 class Orchestrator:
     def __init__(self, policy: Policy, material: IdentityMaterial, url: str, *,
                  planner: Planner | None = None, approval_ttl_s: int = 15 * 60,
-                 library: Library | None = None) -> None:
+                 library: Library | None = None, ready_file: Path | None = None) -> None:
         self.policy = policy
         self.material = material
         self.url = url
@@ -70,6 +72,7 @@ class Orchestrator:
         self.library = library if library is not None else (
             planner if isinstance(planner, OfflinePlanner) else None)
         self.approval_ttl_s = approval_ttl_s
+        self.ready_file = ready_file
         self.registry = Registry(policy)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -123,7 +126,17 @@ class Orchestrator:
         self._tasks.append(asyncio.create_task(self._sweep_loop()))
         await self.audit_log.record("system", "orchestrator", "start", "info",
                                     detail={"resumed": resumed})
+        if self.ready_file is not None:
+            self._tasks.append(asyncio.create_task(self._keep_ready(self.ready_file)))
         log.info("orchestrator.ready", resumed=resumed)
+
+    async def _keep_ready(self, path: Path) -> None:
+        """Touch ``path`` while the broker connection is up (a healthcheck reads its age)."""
+        while True:
+            if self.client.nc.is_connected:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(path.touch)
+            await asyncio.sleep(READY_EVERY_S)
 
     async def _resume_after_reconnect(self) -> None:
         """A broker outage can end a workflow's advance half way (its writes failed while
@@ -152,6 +165,8 @@ class Orchestrator:
         with contextlib.suppress(Exception):
             await self.discovery.stop()
         await self.client.close()
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
 
     def _endpoint(self, subject: str,
                   handler: Callable[[SignedMessage], Awaitable[BaseModel]]

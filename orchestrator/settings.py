@@ -6,6 +6,8 @@ are the ones about how the orchestrator treats people and time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,6 +23,8 @@ class OrchestratorSettings(BaseSettings):
 
     # How long a sensitive action waits for the operator before it expires (1 min..1 day).
     approval_ttl_s: int = Field(default=DEFAULT_APPROVAL_TTL_S, ge=60, le=86_400)
+    # touched every few seconds while connected, for `mas agent probe` (container healthchecks)
+    ready_file: Path | None = None
 
 
 def load_orchestrator_settings() -> OrchestratorSettings:
