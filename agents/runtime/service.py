@@ -25,6 +25,8 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
 from agents.runtime.audit_feed import AuditFeed
@@ -47,6 +49,8 @@ from security.tokens import TokenVerifier
 log = structlog.get_logger("mas.agent")
 ISSUER = "orchestrator"
 MAX_CONCURRENCY = 32
+KEY_LISTINGS = 4  # concurrent ctx.state.keys() calls, well under the account's consumers
+LISTING_IDLE_S = 30.0  # a listing's consumer, should its deletion fail
 
 
 class AgentService:
@@ -102,7 +106,8 @@ class AgentService:
         verifier = TokenVerifier(self.material.trust.issuer_ring(), issuer=ISSUER,
                                  cache_size=1024)
         self.gate = CommandGate(name, verifier, follower.revocations, SingleUseLedger(kv))
-        self.context = Context(name, self._publish, _KvState(kv) if kv else None,
+        state = _KvState(kv, client.nc.jetstream(timeout=3), subj.kv_bucket(name)) if kv else None
+        self.context = Context(name, self._publish, state,
                                log.bind(agent=name), settings=self.settings)
         self._subs.append(await client.subscribe(
             subj.commands(name), self._on_command, queue=name, on_refused=self._on_bad_envelope))
@@ -353,8 +358,11 @@ def _endpoint(agent: str, action: ActionDef) -> EndpointSpec:
 class _KvState:
     """``Context.state`` backed by the agent's KV bucket."""
 
-    def __init__(self, kv: Any) -> None:
+    def __init__(self, kv: Any, js: JetStreamContext, bucket: str) -> None:
         self.kv = kv
+        self.js = js
+        self.bucket = bucket
+        self._listings = asyncio.Semaphore(KEY_LISTINGS)
 
     async def get(self, key: str) -> bytes | None:
         try:
@@ -392,7 +400,32 @@ class _KvState:
         await self.kv.delete(key)
 
     async def keys(self) -> list[str]:
-        try:
-            return sorted(await self.kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
+        """Every live key, listed through a consumer deleted right after. nats-py's
+        ``kv.keys()`` leaves its consumer on the server for five minutes and the agent's
+        account may hold only a few (policy ``max_consumers``), so a handler that listed
+        keys failed from its 17th call in five minutes on ("maximum consumers limit")."""
+        stream, name = f"KV_{self.bucket}", None
+        keys: list[str] = []
+        async with self._listings:
+            sub = await self.js.pull_subscribe(
+                f"$KV.{self.bucket}.>", stream=stream, config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+                    headers_only=True, mem_storage=True, inactive_threshold=LISTING_IDLE_S))
+            try:
+                info = await sub.consumer_info()
+                name, pending = info.name, info.num_pending or 0
+                while pending > 0:
+                    try:
+                        batch = await sub.fetch(min(pending, 256), timeout=5)
+                    except nats.errors.TimeoutError:
+                        break  # the rest expired meanwhile (entries with a TTL)
+                    for msg in batch:
+                        pending = msg.metadata.num_pending or 0
+                        if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                            keys.append(msg.subject.removeprefix(f"$KV.{self.bucket}."))
+            finally:
+                await sub.unsubscribe()
+                if name is not None:
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.js.delete_consumer(stream, name)
+        return sorted(keys)
