@@ -366,7 +366,9 @@ def test_agent_limits_and_identity_come_from_the_policy(committed: dict[str, Any
     assert svc["environment"]["MAS_IDENTITY"] == name
     assert svc["environment"]["MAS_BROKER_URL"] == "tls://nats:4222"
     assert svc["environment"]["MAS_SECRETS_DIR"] == "/mas/secrets"
-    assert svc["healthcheck"]["test"] == ["CMD", "mas", "agent", "probe"]
+    assert svc["healthcheck"]["test"] == [
+        "CMD", "python", "-I", "-S", "-c", "import os, sys, time; sys.exit(time.time() - "
+        "os.stat('/tmp/mas-ready').st_mtime > 30)"]
     assert svc["labels"]["mas.agent"] == name
     assert svc["labels"]["mas.tier"] == REPO_POLICY.agents[name].tier.value
     assert svc["depends_on"]["nats"]["condition"] == "service_healthy"
