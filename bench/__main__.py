@@ -3,7 +3,7 @@
 Run from the project root::
 
     python -m bench            # full run (about half an hour), writes docs/BENCHMARKS.md
-    python -m bench --quick    # smoke run (a few minutes), writes build/bench/BENCHMARKS.md
+    python -m bench --quick    # smoke run (a few minutes), writes build/bench/quick/BENCHMARKS.md
     python -m bench --only security --only health
 
 Each benchmark runs as its own process (``python -m bench.bench_NAME``), one after the
@@ -11,7 +11,8 @@ other so they do not compete for the cores, with a progress display showing its 
 line. Its markdown report becomes a section; its targets go into one table at the top;
 its raw samples become the PNG plots next to the markdown (docs/bench-*.png). A benchmark
 that fails is reported as failed in its section (with the end of its log) and the others
-still run; the exit code is then 1. Full logs: build/bench/logs/.
+still run; the exit code is then 1. Logs and raw results: build/bench/{full,quick}/; with
+``--only NAME --reuse`` one benchmark runs again and the others' last results are reused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import platform
 import shlex
 import signal
@@ -41,7 +43,7 @@ from rich.progress import (
 
 from bench.common import REPO, Result, Target, load_average, machine_info, verdict
 
-LOGS = REPO / "build" / "bench" / "logs"
+BUILD = REPO / "build" / "bench"  # per mode: raw results (NAME.json, NAME.run.json), logs/
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,27 @@ class Outcome:
     result: Result | None  # None: it failed
     code: int
     log: Path
+    finished: str = ""  # UTC time it ended
+    reused: bool = False  # taken from an earlier run (--reuse)
+
+    @property
+    def shown_command(self) -> str:
+        return shlex.join(["python", *self.command[1:-2]])  # no interpreter path, no --json
+
+    def save(self, work: Path) -> None:
+        (work / f"{self.bench.name}.run.json").write_text(json.dumps(
+            {"command": self.command, "seconds": self.seconds, "finished": self.finished}))
+
+    @classmethod
+    def load(cls, bench: Bench, work: Path) -> Outcome | None:
+        """The last successful run of ``bench``, if its files are there."""
+        try:
+            meta = json.loads((work / f"{bench.name}.run.json").read_text())
+            result = Result.from_json((work / f"{bench.name}.json").read_text())
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(bench, meta["command"], meta["seconds"], result, 0,
+                   work / "logs" / f"{bench.name}.log", meta["finished"], reused=True)
 
 
 def _terminate(signum: int, _frame: FrameType | None) -> None:
@@ -87,8 +110,8 @@ def run_one(bench: Bench, quick: bool, work: Path, progress: Progress) -> Outcom
     data.unlink(missing_ok=True)
     command = [sys.executable, "-m", f"bench.bench_{bench.name}",
                *(bench.quick if quick else bench.full), "--json", str(data)]
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log_path = LOGS / f"{bench.name}.log"
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = work / "logs" / f"{bench.name}.log"
     task = progress.add_task("starting", total=None, name=bench.name)
     started = time.perf_counter()
     with log_path.open("w", encoding="utf-8") as log_file:
@@ -115,7 +138,14 @@ def run_one(bench: Bench, quick: bool, work: Path, progress: Progress) -> Outcom
     result = Result.from_json(data.read_text()) if code == 0 and data.is_file() else None
     state = f"done in {seconds:.0f} s" if result else f"FAILED (exit {code}), see {log_path}"
     progress.update(task, description=state, total=1, completed=1)
-    return Outcome(bench, command, seconds, result, code, log_path)
+    outcome = Outcome(bench, command, seconds, result, code, log_path, _now())
+    if result is not None:
+        outcome.save(work)
+    return outcome
+
+
+def _now() -> str:
+    return f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
 
 
 def demote(markdown: str, known: list[str]) -> list[str]:
@@ -187,7 +217,10 @@ def render(outcomes: list[Outcome], quick: bool, command: str, started: datetime
     lines = [
         "# Benchmarks", "",
         f"Written by `{command}` ({mode}); "
-        "every figure below comes from that one run. These machines are shared and noisy: "
+        + ("every figure below comes from that one run" if not any(o.reused for o in outcomes)
+           else "the benchmarks marked *earlier run* were taken over from a previous run "
+           "(`--reuse`), the others ran in this one")
+        + ". These machines are shared and noisy: "
         "each benchmark compares its rows side by side in the same run, so read the ratios "
         "and medians rather than the absolute numbers.", "",
         "## Machine and run", "",
@@ -199,8 +232,8 @@ def render(outcomes: list[Outcome], quick: bool, command: str, started: datetime
         f"- Load average (1, 5, 15 min) at the start: {load_start}; at the end: "
         f"{load_average()} (other work was running on this machine)",
         "- Per benchmark: " + "; ".join(
-            f"`{shlex.join(['python', *o.command[1:-2]])}` {o.seconds:.0f} s"
-            for o in outcomes), "",
+            f"`{o.shown_command}` {o.seconds:.0f} s, ended {o.finished}" for o in outcomes),
+        "",
         "## Targets", "",
         f"{met} of {len(targets)} met.", "",
         "| Benchmark | Target | Measured | Rule | Verdict | From |",
@@ -213,8 +246,9 @@ def render(outcomes: list[Outcome], quick: bool, command: str, started: datetime
     if failed:
         lines += ["", "**Failed:** " + ", ".join(o.bench.name for o in failed)]
     for o in outcomes:
+        earlier = " (*earlier run*)" if o.reused else ""
         lines += ["", f"## {o.bench.title}", "",
-                  f"`{shlex.join(['python', *o.command[1:-2]])}`, {o.seconds:.0f} s", ""]
+                  f"`{o.shown_command}`, {o.seconds:.0f} s, ended {o.finished}{earlier}", ""]
         if o.result is None:
             tail = o.log.read_text(errors="replace").splitlines()[-15:]
             lines += [f"Failed with exit code {o.code}. End of its log:", "", "```",
@@ -234,20 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0]
                                      if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run, a few minutes (default output build/bench/)")
+                        help="smoke run, a few minutes (default output build/bench/quick/)")
     parser.add_argument("--only", action="append", choices=NAMES, metavar="NAME",
                         help=f"run only these ({', '.join(NAMES)}); repeatable")
-    parser.add_argument("--out", type=Path, help="markdown file; the PNGs go next to it "
-                        "(default docs/BENCHMARKS.md, with --quick build/bench/BENCHMARKS.md)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --only: take the other benchmarks' last successful results "
+                        "from build/bench/MODE/ (marked as from an earlier run)")
+    parser.add_argument("--out", type=Path, help="markdown file; the PNGs go next to it (default "
+                        "docs/BENCHMARKS.md, with --quick build/bench/quick/BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    out: Path = args.out or (REPO / "build" / "bench" / "BENCHMARKS.md" if args.quick
+    out: Path = args.out or (BUILD / "quick" / "BENCHMARKS.md" if args.quick
                              else REPO / "docs" / "BENCHMARKS.md")
     chosen = [b for b in BENCHES if not args.only or b.name in args.only]
     command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     signal.signal(signal.SIGTERM, _terminate)
     started = datetime.datetime.now(datetime.UTC)
     load_start, clock = load_average(), time.perf_counter()
-    work = REPO / "build" / "bench"
+    work = BUILD / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     outcomes: list[Outcome] = []
@@ -256,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Progress(*columns, console=console) as progress:
             overall = progress.add_task("", total=len(chosen), name="all benchmarks")
-            for bench in chosen:
+            for bench in BENCHES:
+                if bench not in chosen:
+                    earlier = Outcome.load(bench, work) if args.reuse else None
+                    if earlier is not None:
+                        outcomes.append(earlier)
+                    continue
                 outcomes.append(run_one(bench, args.quick, work, progress))
                 progress.advance(overall)
                 if not console.is_terminal:  # no live display: one line per benchmark
