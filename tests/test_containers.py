@@ -9,10 +9,9 @@ machine: the "outside" host is a container of ours, and every address tried is t
 engine's own.
 
 Without a Docker engine the module skips and says why; with CI set it fails instead
-(scripts/test starts an engine there). Not yet covered: the orchestrator, control and
-egress health (`mas orchestrator run` writes no ready file; `mas control run` and `mas
-egress run` do not exist yet), the scoped tier through the proxy, and a workflow across
-the containers.
+(scripts/test starts an engine there). Every service must come up healthy. Not yet
+covered: the scoped tier through the proxy (its one allowed host would have to be a public
+address), and a workflow across the containers.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ ISOLATED = [a for a in AGENTS if POLICY.agents[a].tier is Tier.isolated]
 WAIT_S = 300.0  # images are built already; a loaded 2-core machine still takes its time
 HOME_URL = "http://home-assistant.invalid:8123"  # .invalid never resolves (RFC 6761)
 UNREACHABLE = {"ENETUNREACH", "EHOSTUNREACH", "timeout"}  # never ECONNREFUSED: that answers
+DOCKER_SOCKET = "/var/run/docker.sock"
 
 # Run inside a container: try each (host, port) at once, print what happened.
 CONNECT = """
@@ -250,11 +250,13 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
            "MAS_MONITOR_PORT": str(port)}
     if "DOCKER_HOST" in os.environ:
         env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
+    if Path(DOCKER_SOCKET).exists():  # control reaches the engine through the socket's group
+        env["MAS_DOCKER_GID"] = str(Path(DOCKER_SOCKET).stat().st_gid)
     stack = Stack(root, f"mas-test-{uuid.uuid4().hex[:8]}", env, port)
     try:
         up = stack.compose("up", "-d", "--no-build", timeout=600)
         assert up.returncode == 0, up.stderr + stack.diagnosis()
-        services = ["nats", *AGENTS]
+        services = sorted(set(stack.compose("config", "--services").stdout.split()) - {"init"})
         wait_for(lambda: all(stack.health(s) == "healthy" for s in services), WAIT_S,
                  f"{', '.join(services)} healthy", stack.diagnosis)
         yield stack
