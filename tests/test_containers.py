@@ -35,6 +35,7 @@ from deploy.grants import grants
 from tests.conftest import REPO, free_port
 from tests.test_deploy import compose_binary
 
+pytestmark = pytest.mark.docker
 POLICY = load_policy(REPO / "policy.yaml")
 GRANTS = grants(POLICY)
 AGENTS = sorted(POLICY.agents)
