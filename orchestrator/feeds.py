@@ -22,6 +22,7 @@ from protocol.control import ACTION_EVENT, ControlAction
 log = structlog.get_logger("mas.orchestrator")
 ALERTS = "mas.alert.>"
 CONTROL = "control"
+MAX_NAME = 128  # AuditRecord.identity and .action: longer, the record would not validate
 _OUTCOMES: dict[str, Outcome] = {"ok": "ok", "refused": "refused", "failed": "error"}
 
 
@@ -70,8 +71,10 @@ class FeedRecorder:
                         sender=msg.sender)
             return
         try:
-            action = ControlAction.model_validate_json(msg.data)
+            action: ControlAction | None = ControlAction.model_validate_json(msg.data)
         except ValidationError:
+            action = None
+        if action is None or max(len(action.by), len(action.agent)) > MAX_NAME:
             await self.record("control", msg.sender, "unknown", "error", code="malformed",
                               trace_id=msg.trace_id, payload=msg.data)
             return
@@ -81,7 +84,7 @@ class FeedRecorder:
                                   "state": action.state, "reason": action.reason})
 
     async def _alert(self, msg: SignedMessage) -> None:
-        name = msg.subject.removeprefix("mas.alert.")
+        name = msg.subject.removeprefix("mas.alert.")[:MAX_NAME]
         try:
             alert = _AlertSummary.model_validate_json(msg.data)
         except ValidationError:

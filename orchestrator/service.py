@@ -113,8 +113,13 @@ class Orchestrator:
                 subject, self._endpoint(subject, handler)), queue="orchestrator",
                                    on_refused=self._bad_envelope)
         await self.discovery.start()
-        feeds = FeedRecorder(self.audit_log.record)
+        self.feeds = feeds = FeedRecorder(self.audit_log.record)
         for subject in feeds.subjects:
+            if self.library is not None and subj.within(subject, EVENTS):
+                # _on_event hands it over: a second subscription on this connection would
+                # take each message's envelope nonce for a replay, or, sharing the queue
+                # group, NATS would give each message to only one of the two
+                continue
             await client.subscribe(subject, feeds.on_message, queue="orchestrator")
         if self.library is not None:
             self.triggers = Triggers(self.library, self._launch, self.engine.load)
@@ -344,6 +349,8 @@ class Orchestrator:
         return wf
 
     async def _on_event(self, msg: SignedMessage) -> None:
+        if msg.subject in self.feeds.subjects:
+            await self.feeds.on_message(msg)
         try:
             await self.triggers.on_event(msg)
         except Exception:
