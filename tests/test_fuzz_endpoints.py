@@ -23,6 +23,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
+from structlog.testing import capture_logs
 
 from agents.runtime.service import AgentService
 from broker import connection
@@ -38,6 +39,7 @@ from orchestrator.workflows import Workflow
 from protocol import admin
 from protocol.actions import REPLY, Completed, Failed, Refused
 from protocol.approvals import AdminError, Approval, ApprovalList
+from protocol.control import ACTION_EVENT
 from protocol.explain import Explanation
 from protocol.registry import Registration, RegistrationAck
 from protocol.tokens import TokenRequest, TokenRequestReply
@@ -70,6 +72,7 @@ class Fuzz:
     waiting: Workflow
     done: Workflow
     codes: Counter[str] = field(default_factory=Counter)
+    feeders: dict[str, BrokerClient] = field(default_factory=dict)
 
     async def ask(self, client: BrokerClient, subject: str, data: bytes) -> bytes:
         """Send ``data`` as ``client``; the answer must come, signed by whoever serves it."""
@@ -434,6 +437,34 @@ async def test_unsignable_argument_values_are_refused_not_crashed_on(
     assert len(fuzz.seen.calls) == before
     token, _ = fuzz.orch.caller.mint("notify", "notify_owner", {})
     check_agent_answer(fuzz, await _command(fuzz, "notify_owner", body, token))
+
+
+ALERT = {"kind": "rate", "severity": "high", "identity": "notify",
+         "explanation": {"summary": "too many requests"}}
+CONTROL_ACTION = {"agent": "notify", "action": "restart", "by": "operator", "outcome": "ok",
+                  "reason": "fuzz"}
+FEEDS = [("mas.alert.rate", "anomaly", ALERT), (ACTION_EVENT, "control", CONTROL_ACTION)]
+
+
+@pytest.mark.parametrize(("subject", "identity", "valid"), FEEDS, ids=[f[0] for f in FEEDS])
+@settings(FUZZ, max_examples=40)
+@given(data=st.data(), suffix=st.none() | st.from_regex(r"[a-z0-9_\-]{1,200}", fullmatch=True))
+async def test_every_alert_and_control_announcement_is_audited_whatever_it_holds(
+        fuzz: Fuzz, subject: str, identity: str, valid: dict[str, Any], data: st.DataObject,
+        suffix: str | None) -> None:
+    """The feeds have no reply: each message, well-formed or not, must become exactly one
+    audit record (``malformed`` when it does not parse), never a swallowed exception."""
+    client = fuzz.feeders.get(identity) or await fuzz.connect(identity)
+    fuzz.feeders[identity] = client
+    if suffix is not None and subject.startswith("mas.alert."):
+        subject = f"mas.alert.{suffix}"
+    payload = data.draw(payloads(valid), label="payload")
+    before = fuzz.orch.audit_log.last_seq
+    with capture_logs() as logs:
+        await client.publish(subject, payload)
+        await eventually(lambda: fuzz.orch.audit_log.last_seq > before, timeout=15,
+                         what=f"an audit record for a message on {subject}")
+    assert not [e for e in logs if e["event"] == "orchestrator.feed_failed"], logs
 
 
 async def test_an_agent_cannot_silence_the_operators_lists_with_big_requests(
