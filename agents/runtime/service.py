@@ -37,7 +37,7 @@ from agents.runtime.gate import CommandGate, Refusal, parse_args
 from agents.runtime.ledger import SingleUseLedger
 from agents.runtime.senders import sender_allowed
 from broker import subjects as subj
-from broker.connection import BrokerClient, SignedMessage, connect
+from broker.connection import BrokerClient, MessageTooLarge, SignedMessage, connect
 from broker.discovery import Discovery, EndpointSpec
 from broker.revocations import RevocationFollower
 from broker.secrets import IdentityMaterial
@@ -221,7 +221,11 @@ class AgentService:
         (log.info if isinstance(reply, Completed) else log.warning)("agent.request", **fields)
         if msg.reply:
             with contextlib.suppress(Exception):
-                await self.client.respond(msg, reply)
+                try:
+                    await self.client.respond(msg, reply)
+                except MessageTooLarge as exc:  # the caller hears why instead of timing out
+                    await self.client.respond(msg, Failed(code="output_too_large",
+                                                          reason=str(exc)[:500]))
 
     async def _run(self, definition: ActionDef, args: dict[str, Any],
                    trace_id: str | None) -> Completed | Failed:
