@@ -25,11 +25,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from structlog.testing import capture_logs
 
+from agents.runtime import Agent, Context
 from agents.runtime.service import AgentService
 from broker import connection
 from broker import subjects as subj
 from broker.connection import BrokerClient, reply_binding
-from broker.secrets import load_identity
+from broker.secrets import SecretsLayout, load_identity
 from broker.server import NatsServer
 from orchestrator import audit_verify
 from orchestrator.plan import Plan, Step
@@ -48,7 +49,7 @@ from security.envelope import H_KID, H_NONCE, H_SENDER, H_SIG, H_TOKEN, H_TS
 from security.keys import SigningKey
 from tests.conftest import REPO, eventually, free_port, make_project
 from tests.test_orchestrator import SEND, audit_records
-from tests.test_runtime import Seen, make_agent
+from tests.test_runtime import NoteIn, Seen, make_agent
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio(loop_scope="module")]
 
@@ -71,6 +72,7 @@ class Fuzz:
     pending: Approval
     waiting: Workflow
     done: Workflow
+    secrets: SecretsLayout | None = None
     codes: Counter[str] = field(default_factory=Counter)
     feeders: dict[str, BrokerClient] = field(default_factory=dict)
 
@@ -121,7 +123,8 @@ async def fuzz(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuzz]:
     assert done.status == "completed"
     [pending] = await orch.approvals.find("pending")
     seen.calls.clear()
-    state = Fuzz(server, url, orch, agent, operator, seen, connect, pending, waiting, done)
+    state = Fuzz(server, url, orch, agent, operator, seen, connect, pending, waiting, done,
+                 secrets=project.secrets)
     try:
         yield state
     finally:
@@ -489,6 +492,35 @@ async def test_an_agent_cannot_silence_the_operators_lists_with_big_requests(
         assert answer.code == "answer_too_large", answer
     await assert_alive(fuzz)
     assert fuzz.seen.calls.count(("send_message", "x" * 60 * 1024)) == 0
+
+
+class Blob(BaseModel):
+    blob: str
+
+
+async def test_an_output_over_the_broker_limit_comes_back_as_a_failure(fuzz: Fuzz) -> None:
+    """An agent whose answer would exceed max_payload says so; the caller does not wait
+    for a reply that can never be sent, and the agent keeps serving."""
+    big = Agent("home", version="1.0.0", kind="stateless")
+
+    @big.action(description="Answer with as many bytes as asked.")
+    async def notify_owner(args: NoteIn, ctx: Context) -> Blob:
+        return Blob(blob="x" * int(args.text))
+
+    assert fuzz.secrets is not None
+    service = AgentService(big, load_identity(fuzz.secrets, "home"), fuzz.url, register=False)
+    await service.start()
+    try:
+        reply = await fuzz.orch.caller.call("home", "notify_owner", {"text": str(MAX_PAYLOAD)},
+                                            timeout=REPLY_TIMEOUT_S)
+        assert isinstance(reply, Failed), reply
+        assert reply.code == "output_too_large"
+        assert "max_payload" in reply.reason
+        small = await fuzz.orch.caller.call("home", "notify_owner", {"text": "3"},
+                                            timeout=REPLY_TIMEOUT_S)
+        assert small == Completed(output={"blob": "xxx"})
+    finally:
+        await service.stop()
 
 
 async def test_nothing_was_lost_and_everything_still_works(fuzz: Fuzz) -> None:
