@@ -4,6 +4,11 @@
 test's loop), so the broker client, the feed and the HTTP server share one loop. It binds
 to a loopback address only: the session cookie is not ``Secure`` over plain http, so
 anything reachable from another machine would need TLS in front of it first.
+
+The one exception is compose: inside its container the dashboard must listen on the
+container's interface for Docker to forward the host's ``127.0.0.1`` port to it (the
+compose file publishes it there and nowhere else). ``--host 0.0.0.0`` is accepted only
+when ``MAS_DASHBOARD_IN_CONTAINER=1`` says so, which compose.yaml sets and nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import ipaddress
 import os
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -35,6 +40,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 PORT_ENV = "MAS_DASHBOARD_PORT"
 MONITOR_ENV = "MAS_NATS_MONITOR_URL"
+IN_CONTAINER_ENV = "MAS_DASHBOARD_IN_CONTAINER"
+# Inside a container "every interface" is the container's own; Docker publishes the port.
+CONTAINER_HOST = "0.0.0.0"  # noqa: S104
 
 
 def default_port() -> int:
@@ -46,8 +54,17 @@ def default_port() -> int:
     return int(text)
 
 
-def check_loopback(host: str) -> str:
+def in_container(env: Mapping[str, str] | None = None) -> bool:
+    """Whether compose said this process runs in the dashboard's container."""
+    return (os.environ if env is None else env).get(IN_CONTAINER_ENV, "") == "1"
+
+
+def check_loopback(host: str, env: Mapping[str, str] | None = None) -> str:
+    """``host`` if the dashboard may listen there: a loopback address, or the container's
+    interfaces (``0.0.0.0``) with ``MAS_DASHBOARD_IN_CONTAINER=1``."""
     if host == "localhost":
+        return host
+    if host == CONTAINER_HOST and in_container(env):
         return host
     try:
         loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -56,7 +73,8 @@ def check_loopback(host: str) -> str:
     if not loopback:
         raise BrokerError(f"--host {host}: the dashboard serves plain http and binds to a "
                           "loopback address only (127.0.0.1 or ::1); put a TLS proxy in front "
-                          "to reach it from elsewhere")
+                          "to reach it from elsewhere (in its compose container, "
+                          f"{IN_CONTAINER_ENV}=1 allows --host {CONTAINER_HOST})")
     return host
 
 

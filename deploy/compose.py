@@ -1,8 +1,9 @@
 """Policy -> compose.yaml. Same policy, same bytes (services, networks and volumes sorted).
 
 One container per service: a one-shot ``init``, ``nats`` (the committed nats-server.conf),
-the orchestrator, control, the egress proxy when an agent is in the scoped tier, and one
-container per agent. The network layer of the design lives here: every agent has an
+the orchestrator, control, the dashboard, the egress proxy when an agent is in the scoped
+tier, one container per agent, and a trace viewer that starts only with
+``--profile tracing``. The network layer of the design lives here: every agent has an
 ``internal`` network of its own shared only with nats (and the egress proxy for the scoped
 tier), so no agent can open a socket to another. Every service runs as a uid of its own
 and gets only its own identity's secrets, in a volume init fills (see ``deploy.grants``),
@@ -21,7 +22,16 @@ from broker.errors import PolicyError
 from broker.layout import RELATIVE
 from broker.policy import Agent, Policy, Resources, Tier
 from deploy import seccomp
-from deploy.grants import GRANTS_DIR, SETTINGS_FILE, grants, service_uid
+from deploy.grants import (
+    CHECKPOINTS_DIR,
+    GRANTS_DIR,
+    NATS_LOG_DIR,
+    SETTINGS_FILE,
+    STATE,
+    STATE_DIR,
+    grants,
+    service_uid,
+)
 
 COMPOSE_NAME = "compose.yaml"
 PROJECT = "mas"
@@ -34,7 +44,7 @@ ALL_INTERFACES = "0.0.0.0"  # noqa: S104
 EGRESS_PORT = 3128
 DOCKER_SOCKET = "/var/run/docker.sock"
 # Platform containers an agent may not be named after (its service and secrets would clash).
-PLATFORM_CONTAINERS = ("init", "nats", "egress")
+PLATFORM_CONTAINERS = ("init", "nats", "egress", "dashboard", "tracing")
 LABEL = "mas"
 IMAGE_PREFIX = "mas-"  # images are mas-runtime (built as init) and mas-<service>
 RUNTIME_IMAGE = "mas-runtime"
@@ -44,6 +54,28 @@ MONITOR_NETWORK = "monitor"
 MONITOR_HOST = "nats-monitor"
 MONITOR_CONFIG = "nats-compose.conf"  # generated, committed: nats-server.conf + that address
 MONITOR_PORT_VARIABLE = "MAS_MONITOR_PORT"
+# nats's log, for the orchestrator's audit of broker refusals (orchestrator.violations),
+# and the audit checkpoints outside the stream (orchestrator.checkpoint).
+NATS_LOG = f"{NATS_LOG_DIR}/nats-server.log"
+NATS_LOG_SIZE = "10MB"  # then nats rotates it, keeping NATS_LOG_FILES files
+NATS_LOG_FILES = 5
+CHECKPOINTS_FILE = f"{CHECKPOINTS_DIR}/checkpoints.jsonl"
+# The platform services export spans when the operator names a collector (the tracing
+# profile's viewer: MAS_OTLP_ENDPOINT=http://tracing:4318); empty means off.
+OTLP_ENV = {"OTEL_EXPORTER_OTLP_ENDPOINT": "${MAS_OTLP_ENDPOINT:-}"}
+# The dashboard: published on the host's loopback only, on the port `mas dashboard --url`
+# prints (MAS_DASHBOARD_PORT moves both).
+DASHBOARD_PORT = 8765
+DASHBOARD_PORT_VARIABLE = "MAS_DASHBOARD_PORT"
+DASHBOARD_RESOURCES = Resources(memory="256m", cpus=0.5, pids=64)
+# The optional trace viewer (profile `tracing`): Jaeger's all-in-one, spans in memory.
+TRACING_PROFILE = "tracing"
+TRACING_IMAGE = "jaegertracing/all-in-one:1.62.0"
+TRACING_UI_PORT = 16686
+TRACING_OTLP_PORT = 4318
+TRACING_ADMIN_PORT = 14269  # its health endpoint
+TRACING_NETWORK = "tracing_ui"
+TRACING_RESOURCES = Resources(memory="512m", cpus=0.5, pids=128)
 # Agents that read host files: health its exports, backup restic's JSON or a backup folder.
 HOST_DATA_AGENTS = ("backup", "health")
 
@@ -77,11 +109,23 @@ HEADER = f"""\
 # it writes ./secrets); only control mounts the Docker socket (set MAS_DOCKER_GID to the
 # socket's group on Linux).
 #
-# nats runs the committed {CONFIG_NAME}, included by {MONITOR_CONFIG}, which only moves
-# monitoring to the `{MONITOR_NETWORK}` network (nats alone, no NAT to the outside): that
-# port is published on the host's 127.0.0.1 (${MONITOR_PORT_VARIABLE}, default the
-# policy's port) and reachable from no agent network. `-a 0.0.0.0` opens the client port
-# on nats's networks. Nothing else is published.
+# nats runs the committed {CONFIG_NAME}, included by {MONITOR_CONFIG}, which moves
+# monitoring to the `{MONITOR_NETWORK}` network (nats and the dashboard, no NAT to the
+# outside): that port is published on the host's 127.0.0.1 (${MONITOR_PORT_VARIABLE},
+# default the policy's port) and reachable from no agent network. `-a 0.0.0.0` opens the
+# client port on nats's networks. nats logs to the nats_log volume (rotated), which the
+# orchestrator reads to audit broker refusals, so `docker compose logs nats` shows only
+# its start; the orchestrator keeps its audit checkpoints in the audit_checkpoints volume.
+#
+# The dashboard (`mas dashboard --url` prints its address and login secret) holds the
+# operator's identity and its login secret only, and is published on the host's
+# 127.0.0.1:${DASHBOARD_PORT_VARIABLE} (default {DASHBOARD_PORT}). Nothing else is
+# published.
+#
+# Tracing: `MAS_OTLP_ENDPOINT=http://{TRACING_PROFILE}:{TRACING_OTLP_PORT} docker compose
+# --profile {TRACING_PROFILE} up` adds a trace viewer ({TRACING_IMAGE}, pulled) on the
+# platform network, its UI on 127.0.0.1:{TRACING_UI_PORT}; the orchestrator, control and
+# the dashboard send it their spans (agents have no route to it).
 """
 
 
@@ -211,6 +255,13 @@ def _internal() -> dict[str, Any]:
             "driver_opts": {"com.docker.network.bridge.inhibit_ipv4": "true"}}
 
 
+def _no_nat() -> dict[str, Any]:
+    """Not internal, so Docker can publish a port of its members on the host's loopback;
+    no masquerading, so they get no route out through it."""
+    return {"internal": False,
+            "driver_opts": {"com.docker.network.bridge.enable_ip_masquerade": "false"}}
+
+
 def agent_data_dir(name: str) -> str:
     return f"{WORKDIR}/data/{name}"
 
@@ -247,15 +298,16 @@ def _agent_service(policy: Policy, name: str, agent: Agent) -> dict[str, Any]:
 
 
 def _platform_service(policy: Policy, name: str, command: list[str], resources: Resources,
-                      *, volumes: list[dict[str, Any]] | None = None, **extra: Any
-                      ) -> dict[str, Any]:
+                      *, volumes: list[dict[str, Any]] | None = None,
+                      env: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "image": image_name(name),
         "build": _build(f"docker/{name}"),
         "command": command,
         "working_dir": WORKDIR,
         "env_file": _settings_file(name),
-        "environment": {**_client_env(policy, name), "MAS_ROOT": WORKDIR},
+        "environment": {**_client_env(policy, name), "MAS_ROOT": WORKDIR, **OTLP_ENV,
+                        **(env or {})},
         "labels": _labels(name),
         "networks": [PLATFORM_NETWORK],
         "configs": [{"source": "policy", "target": f"{WORKDIR}/policy.yaml"}],
@@ -265,6 +317,87 @@ def _platform_service(policy: Policy, name: str, command: list[str], resources: 
         "healthcheck": _probe(),
         "restart": "on-failure:5",
         **_hardening(seccomp.AGENT, resources, user=_user(service_uid(policy, name))),
+        "logging": _logging(),
+    }
+
+
+def _state_mount(volume: str, target: str, *, read_only: bool) -> dict[str, Any]:
+    return {"type": "volume", "source": volume, "target": target, "read_only": read_only}
+
+
+def _orchestrator_service(policy: Policy) -> dict[str, Any]:
+    return _platform_service(
+        policy, "orchestrator", ["mas", "orchestrator", "run"],
+        policy.services.orchestrator.resources,
+        volumes=[
+            # The offline planner's declarative workflows, read-only.
+            _host_dir("./workflows", f"{WORKDIR}/workflows", read_only=True),
+            # nats's log (broker refusals become audit records), read-only; nats's group
+            # (group_add) may read its files. The checkpoints: the orchestrator's alone.
+            _state_mount("nats_log", NATS_LOG_DIR, read_only=True),
+            _state_mount("audit_checkpoints", CHECKPOINTS_DIR, read_only=False)],
+        env={"MAS_NATS_LOG": NATS_LOG, "MAS_AUDIT_CHECKPOINTS": CHECKPOINTS_FILE},
+        group_add=[str(service_uid(policy, "nats"))])
+
+
+def _dashboard_service(policy: Policy) -> dict[str, Any]:
+    """The dashboard: the operator's identity and the login secret, nothing else; on the
+    platform network (nats) and the monitor network (nats's /varz, and the way Docker
+    forwards the host's loopback port to it: an internal network cannot publish)."""
+    login = f"http://127.0.0.1:{DASHBOARD_PORT}/login"
+    check = f"import urllib.request; urllib.request.urlopen({login!r}, timeout=5)"
+    return {
+        "image": image_name("dashboard"),
+        "build": _build("docker/dashboard"),
+        "command": ["mas", "dashboard", "run", "--host", ALL_INTERFACES,
+                    "--port", str(DASHBOARD_PORT)],
+        "working_dir": WORKDIR,
+        "env_file": _settings_file("dashboard"),
+        "environment": {
+            "MAS_ROOT": WORKDIR,
+            "MAS_BROKER_URL": f"tls://nats:{_broker_port(policy)}",
+            "MAS_NATS_MONITOR_URL": f"http://{MONITOR_HOST}:{_monitor_port(policy)}",
+            "MAS_DASHBOARD_IN_CONTAINER": "1",
+            **OTLP_ENV,
+        },
+        "labels": _labels("dashboard"),
+        "networks": [MONITOR_NETWORK, PLATFORM_NETWORK],
+        "ports": [{"target": DASHBOARD_PORT, "host_ip": "127.0.0.1",
+                   "published": f"${{{DASHBOARD_PORT_VARIABLE}:-{DASHBOARD_PORT}}}",
+                   "protocol": "tcp"}],
+        "configs": [{"source": "policy", "target": f"{WORKDIR}/policy.yaml"}],
+        "volumes": [_secrets_mount("dashboard")],
+        "depends_on": _needs(),
+        "healthcheck": {"test": ["CMD", "python", "-I", "-S", "-c", check],
+                        "interval": "15s", "timeout": "10s", "retries": 3,
+                        "start_period": "30s"},
+        "restart": "on-failure:5",
+        **_hardening(seccomp.SERVER, DASHBOARD_RESOURCES,
+                     user=_user(service_uid(policy, "dashboard"))),
+        "logging": _logging(),
+    }
+
+
+def _tracing_service(policy: Policy) -> dict[str, Any]:
+    """Jaeger's all-in-one under `--profile tracing` (pulled from Docker Hub): OTLP/HTTP
+    from the platform services on the platform network; its UI on the host's loopback,
+    through a network of its own (an internal network cannot publish). Spans stay in its
+    memory."""
+    admin = f"http://127.0.0.1:{TRACING_ADMIN_PORT}/"
+    return {
+        "image": TRACING_IMAGE,
+        "profiles": [TRACING_PROFILE],
+        "environment": {"COLLECTOR_OTLP_ENABLED": "true", "SPAN_STORAGE_TYPE": "memory",
+                        "MEMORY_MAX_TRACES": "10000"},
+        "labels": _labels(TRACING_PROFILE),
+        "networks": [PLATFORM_NETWORK, TRACING_NETWORK],
+        "ports": [{"target": TRACING_UI_PORT, "host_ip": "127.0.0.1",
+                   "published": str(TRACING_UI_PORT), "protocol": "tcp"}],
+        "healthcheck": {"test": ["CMD", "wget", "-q", "--spider", admin], "interval": "15s",
+                        "timeout": "5s", "retries": 3, "start_period": "10s"},
+        "restart": "on-failure:5",
+        **_hardening(seccomp.SERVER, TRACING_RESOURCES,
+                     user=_user(service_uid(policy, TRACING_PROFILE))),
         "logging": _logging(),
     }
 
@@ -284,7 +417,11 @@ def monitor_config(policy: Policy) -> str:
             f"committed\n# {CONFIG_NAME} with monitoring moved to the {MONITOR_NETWORK} "
             "network (published on the\n# host's loopback). Do not edit by hand.\n"
             f'include "{CONFIG_NAME}"\n'
-            f'http: "{MONITOR_HOST}:{_monitor_port(policy)}"\n')
+            f'http: "{MONITOR_HOST}:{_monitor_port(policy)}"\n'
+            f"# the log file (-l, read by the orchestrator) is rotated: at most "
+            f"{NATS_LOG_FILES} files\n"
+            f"logfile_size_limit: {NATS_LOG_SIZE}\n"
+            f"logfile_max_num: {NATS_LOG_FILES}\n")
 
 
 def _nats_service(policy: Policy, agents: list[str]) -> dict[str, Any]:
@@ -300,7 +437,8 @@ def _nats_service(policy: Policy, agents: list[str]) -> dict[str, Any]:
     return {
         "image": image_name("nats"),
         "build": _build("docker/nats"),
-        "command": ["nats-server", "-c", MONITOR_CONFIG, "-a", ALL_INTERFACES],
+        "command": ["nats-server", "-c", MONITOR_CONFIG, "-a", ALL_INTERFACES,
+                    "-l", NATS_LOG],
         "working_dir": WORKDIR,
         "labels": _labels("nats"),
         "networks": dict(sorted(networks.items())),
@@ -309,7 +447,8 @@ def _nats_service(policy: Policy, agents: list[str]) -> dict[str, Any]:
         "configs": [{"source": "nats_conf", "target": f"{WORKDIR}/{CONFIG_NAME}"},
                     {"source": "nats_compose_conf", "target": f"{WORKDIR}/{MONITOR_CONFIG}"}],
         "volumes": [_secrets_mount("nats"),
-                    {"type": "volume", "source": "nats_data", "target": f"{WORKDIR}/data"}],
+                    {"type": "volume", "source": "nats_data", "target": f"{WORKDIR}/data"},
+                    _state_mount("nats_log", NATS_LOG_DIR, read_only=False)],
         "depends_on": {"init": {"condition": "service_completed_successfully"}},
         "healthcheck": {"test": ["CMD", "python3", "-c", check], "interval": "5s",
                         "timeout": "5s", "retries": 12, "start_period": "10s"},
@@ -346,12 +485,15 @@ def _init_service(policy: Policy) -> dict[str, Any]:
                          read_only=False)]
     volumes += [{"type": "volume", "source": secrets_volume(name),
                  "target": f"{GRANTS_DIR}/{name}"} for name in grants(policy)]
+    volumes += [_state_mount(s.volume, f"{STATE_DIR}/{s.volume}", read_only=False)
+                for s in STATE]
     return {
         "image": image_name("init"),
         "build": _build(".", "docker/runtime/Dockerfile", on_runtime=False),
         "command": ["python", "-m", "deploy.grants"],
         "working_dir": WORKDIR,
-        "environment": {"MAS_ROOT": WORKDIR, "MAS_GRANTS_DIR": GRANTS_DIR},
+        "environment": {"MAS_ROOT": WORKDIR, "MAS_GRANTS_DIR": GRANTS_DIR,
+                        "MAS_STATE_DIR": STATE_DIR},
         "labels": _labels("init"),
         "network_mode": "none",
         "configs": [{"source": "policy", "target": f"{WORKDIR}/policy.yaml"}],
@@ -386,11 +528,9 @@ def compose_document(policy: Policy) -> dict[str, Any]:
     services: dict[str, Any] = {
         "init": _init_service(policy),
         "nats": _nats_service(policy, agents),
-        "orchestrator": _platform_service(
-            policy, "orchestrator", ["mas", "orchestrator", "run"],
-            policy.services.orchestrator.resources,
-            # The offline planner's declarative workflows, read-only.
-            volumes=[_host_dir("./workflows", f"{WORKDIR}/workflows", read_only=True)]),
+        "orchestrator": _orchestrator_service(policy),
+        "dashboard": _dashboard_service(policy),
+        TRACING_PROFILE: _tracing_service(policy),
         "control": _platform_service(
             policy, "control", ["mas", "control", "run"], policy.services.control.resources,
             # The Docker socket is root on the host: only control gets it, and it acts only
@@ -406,8 +546,8 @@ def compose_document(policy: Policy) -> dict[str, Any]:
     networks: dict[str, Any] = {
         PLATFORM_NETWORK: _internal(),
         # Needed to publish a port; without masquerading nats gets no route out through it.
-        MONITOR_NETWORK: {"internal": False, "driver_opts": {
-            "com.docker.network.bridge.enable_ip_masquerade": "false"}},
+        MONITOR_NETWORK: _no_nat(),
+        TRACING_NETWORK: _no_nat(),
     }
     if scoped:
         networks[EGRESS_INTERNET] = {"internal": False}
@@ -417,6 +557,7 @@ def compose_document(policy: Policy) -> dict[str, Any]:
             networks[internet_network(name)] = {"internal": False}
 
     volumes: dict[str, Any] = {"nats_data": {}}
+    volumes.update({s.volume: {} for s in STATE})
     volumes.update({secrets_volume(name): {} for name in grants(policy)})
 
     return {

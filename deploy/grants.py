@@ -16,7 +16,14 @@ run on a fresh checkout, and it keeps the host file's owner and mode (0600, whoe
 
 Besides its identity's four files, the CA and the trust file, a service receives every
 other regular file in ``secrets/<identity>/`` (an agent's API token, say), except
-``settings.env``, which compose reads on the host as that agent's environment.
+``settings.env``, which compose reads on the host as that agent's environment. The
+orchestrator also gets the public ``nats/identities.conf`` (nkey -> identity, for naming
+whoever the broker's log reports); the dashboard gets the operator's files and its login
+secret, and nothing from ``secrets/operator/`` beyond them.
+
+init also creates the dashboard's login secret (like ``mas init``) and gives the state
+volumes their owners: nats writes its log to one the orchestrator reads, and the
+orchestrator keeps its audit checkpoints in one of its own (``STATE``).
 """
 
 from __future__ import annotations
@@ -31,17 +38,36 @@ from broker.errors import BrokerError
 from broker.layout import RELATIVE, SecretsLayout
 from broker.policy import Policy, load_policy
 from broker.secrets import init_secrets
+from dashboard.login import ensure_secret, secret_path
 from security.errors import SecurityError
 
 # nats owns the JetStream volume, which starts as the image's /mas/data (owned by 10001 in
-# docker/runtime/Dockerfile); the egress proxy holds no identity.
-PLATFORM_UIDS = {"nats": 10001, "orchestrator": 10002, "control": 10003, "egress": 10004}
+# docker/runtime/Dockerfile); the egress proxy and the trace viewer hold no identity.
+PLATFORM_UIDS = {"nats": 10001, "orchestrator": 10002, "control": 10003, "egress": 10004,
+                 "dashboard": 10005, "tracing": 10006}
 AGENT_UID_BASE = 10100  # agents in name order; init re-applies owners on every start
 SETTINGS_FILE = "settings.env"  # an agent's environment, read by compose on the host
 IDENTITY_FILES = ("nkey_seed", "tls_cert", "tls_key", "signing_key")  # SecretsLayout methods
 SHARED_FILES = ("ca_cert", "trust")
 NATS_FILES = ("ca_cert", "server_cert", "server_key", "nats_include")
 GRANTS_DIR = "/mas/grants"  # where init mounts the services' volumes, one folder each
+STATE_DIR = "/mas/state"  # where init mounts the state volumes, one folder each
+NATS_LOG_DIR = "/mas/log"
+CHECKPOINTS_DIR = "/mas/audit"
+
+
+@dataclass(frozen=True)
+class State:
+    """A volume a service writes (and others may read): init makes it the writer's."""
+
+    volume: str
+    owner: str  # the service that writes it
+    mode: int
+
+
+# nats's log: the orchestrator reads it through nats's group (compose group_add). The
+# checkpoints: the orchestrator's alone.
+STATE = (State("nats_log", "nats", 0o750), State("audit_checkpoints", "orchestrator", 0o700))
 
 
 def service_uid(policy: Policy, service: str) -> int:
@@ -76,6 +102,11 @@ def grants(policy: Policy) -> dict[str, Grant]:
     for identity in ("orchestrator", "control", *sorted(policy.agents)):
         out[identity] = Grant(identity, service_uid(policy, identity),
                               identity_files(identity), identity)
+    orchestrator = out["orchestrator"]
+    out["orchestrator"] = Grant(orchestrator.service, orchestrator.uid, (
+        *orchestrator.files, _rel(RELATIVE.nats_include)), orchestrator.identity)
+    out["dashboard"] = Grant("dashboard", service_uid(policy, "dashboard"), (
+        *identity_files("operator"), _rel(secret_path(RELATIVE))), None)
     return out
 
 
@@ -134,6 +165,13 @@ def sync(grant: Grant, secrets: Path, volume: Path) -> list[PurePosixPath]:
     return sorted(files)
 
 
+def prepare_state(state: State, policy: Policy, folder: Path) -> None:
+    """The volume's top folder belongs to its writer; what is in it stays as written."""
+    uid = service_uid(policy, state.owner)
+    os.chown(folder, uid, uid)
+    os.chmod(folder, state.mode)
+
+
 def give_back(secrets: Path, uid: int, gid: int) -> None:
     """Files init (root) created in the host's ./secrets go to the project's owner, so the
     operator's own `mas` commands can still read them on Linux."""
@@ -149,11 +187,13 @@ def main() -> None:
     """The init container: `mas init`, then one volume per service."""
     root = Path(os.environ.get("MAS_ROOT", "/mas"))
     grants_dir = Path(os.environ.get("MAS_GRANTS_DIR", GRANTS_DIR))
+    state_dir = Path(os.environ.get("MAS_STATE_DIR", STATE_DIR))
     policy_path = root / "policy.yaml"
     secrets = root / RELATIVE.root
     try:
         policy = load_policy(policy_path)
         report = init_secrets(policy, SecretsLayout(secrets))
+        ensure_secret(SecretsLayout(secrets))  # the dashboard's login secret
         owner = policy_path.stat()
         give_back(secrets, owner.st_uid, owner.st_gid)
         print(f"init: created {len(report.created)} secret files, kept {len(report.kept)}",
@@ -166,6 +206,12 @@ def main() -> None:
             given = sync(grant, secrets, volume)
             print(f"init: {name} (uid {grant.uid}) gets {', '.join(map(str, given))}",
                   flush=True)
+        for state in STATE:
+            folder = state_dir / state.volume
+            if not folder.is_dir():
+                raise BrokerError(f"{folder} is not mounted: recompile compose.yaml with "
+                                  "`mas policy compile`")
+            prepare_state(state, policy, folder)
     except (BrokerError, SecurityError, OSError) as exc:
         print(f"init: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -33,7 +33,9 @@ dashboard_app = typer.Typer(help="The operator dashboard in your browser (loopba
 RootOption = Annotated[
     Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
 ]
-HostOption = Annotated[str, typer.Option(help="Loopback address to listen on.")]
+HostOption = Annotated[str, typer.Option(
+    help="Loopback address to listen on (0.0.0.0 only in its compose container, where "
+    "$MAS_DASHBOARD_IN_CONTAINER=1).")]
 PortOption = Annotated[int | None, typer.Option(
     help="Port (default $MAS_DASHBOARD_PORT or 8765).", min=1, max=65535)]
 

