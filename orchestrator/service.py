@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import nats.js.errors
 import structlog
@@ -53,11 +54,29 @@ log = structlog.get_logger("mas.orchestrator")
 OPERATOR = "operator"
 SWEEP_S = 2.0
 READY_EVERY_S = 5.0
-MAX_TOKEN_REQUEST_BYTES = 64 * 1024
+MAX_TOKEN_REQUEST_BYTES = 16 * 1024
+MAX_PENDING_PER_AGENT = 4  # token requests of one agent waiting for the operator at once
+LIST_BUDGET_BYTES = 512 * 1024  # of a list answer (the broker's max_payload is 1 MiB)
+M = TypeVar("M", bound=BaseModel)
 
 
 class WorkflowList(BaseModel):
     workflows: list[Workflow]
+    omitted: int = 0  # left out to keep the answer within one message; ask by id
+
+
+def within_budget(items: list[M], budget: int = LIST_BUDGET_BYTES) -> tuple[list[M], int]:
+    """The newest ``items`` (the list is oldest first) whose JSON fits ``budget`` bytes,
+    still oldest first, and how many were left out: a list answer is one NATS message,
+    and a flood of big entries must not make the whole list unanswerable."""
+    kept: list[M] = []
+    used = 0
+    for item in reversed(items):
+        used += len(item.model_dump_json()) + 1
+        if used > budget:
+            break
+        kept.append(item)
+    return kept[::-1], len(items) - len(kept)
 
 
 class Orchestrator:
@@ -254,6 +273,13 @@ class Orchestrator:
         if not info.sensitive:
             return TokenRequestReply(status="denied", reason="not a sensitive action; "
                                      "propose it in a reply instead")
+        waiting = [a for a in await self.approvals.find("pending")
+                   if a.requested_by == f"agent:{msg.sender}"]
+        if len(waiting) >= MAX_PENDING_PER_AGENT:  # one agent cannot bury the operator
+            await self.audit_log.record("token_request", msg.sender, request.action, "refused",
+                                        code="too_many_pending", trace_id=msg.trace_id)
+            return TokenRequestReply(status="denied", reason=f"{len(waiting)} earlier requests "
+                                     "still wait for the operator; ask again once answered")
         plan = Plan(summary=request.explanation.summary, planner=f"agent:{msg.sender}", steps=[
             Step(id="s1", agent=request.action_agent, action=request.action, args=request.args,
                  explanation=request.explanation)])
@@ -269,7 +295,8 @@ class Orchestrator:
         query = ApprovalQuery.model_validate_json(msg.data or b"{}")
         if query.id is not None:
             return ApprovalList(approvals=[await self.approvals.get(query.id)])
-        return ApprovalList(approvals=await self.approvals.find(query.status))
+        approvals, omitted = within_budget(await self.approvals.find(query.status))
+        return ApprovalList(approvals=approvals, omitted=omitted)
 
     async def _approvals_decide(self, msg: SignedMessage) -> BaseModel:
         self._operator_only(msg)
@@ -336,7 +363,8 @@ class Orchestrator:
             if wf is None:
                 raise Refusal("unknown_workflow", f"no workflow {query.id}")
             return WorkflowList(workflows=[wf])
-        return WorkflowList(workflows=(await self.engine.all())[-50:])
+        workflows, omitted = within_budget((await self.engine.all())[-50:])
+        return WorkflowList(workflows=workflows, omitted=omitted)
 
     async def _launch(self, file: WorkflowFile, cause: str, trace_id: str | None) -> Workflow:
         wf = await self.engine.submit(f"{cause}: {file.name}", file.plan(), trace_id=trace_id)

@@ -46,6 +46,7 @@ class ApprovalList(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     approvals: list[Approval] = Field(default_factory=list)
+    omitted: int = 0  # left out to keep the answer within one message; ask by id
 
 
 class AdminError(BaseModel):

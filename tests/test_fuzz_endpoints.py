@@ -472,26 +472,31 @@ async def test_every_alert_and_control_announcement_is_audited_whatever_it_holds
 
 async def test_an_agent_cannot_silence_the_operators_lists_with_big_requests(
         fuzz: Fuzz) -> None:
-    """A token request is capped; answers over the broker's limit become a typed refusal
-    (the list endpoints do not page yet, so many big requests make the full lists refuse)."""
-    big = {**TOKEN_REQUEST, "args": {"to": "bob", "text": "x" * (64 * 1024)}}
+    """A token request is capped in size, an agent may have only a few waiting for the
+    operator, and list answers stay within one message: a flood of big requests can
+    neither make the lists unanswerable nor push the other requests out of them."""
+    big = {**TOKEN_REQUEST, "args": {"to": "bob", "text": "x" * (16 * 1024)}}
     data = await fuzz.ask(fuzz.agent.client, subj.TOKEN_REQUEST, dumps(big))
     refusal = check_admin_answer(fuzz, data, TokenRequestReply)
     assert isinstance(refusal, AdminError), refusal
     assert refusal.code == "too_large"
-    fits = {**TOKEN_REQUEST, "args": {"to": "bob", "text": "x" * (60 * 1024)}}
-    for _ in range(18):
-        reply = TokenRequestReply.model_validate_json(
-            await fuzz.ask(fuzz.agent.client, subj.TOKEN_REQUEST, dumps(fits)))
-        assert reply.status == "pending"
-    for subject, query in ((admin.APPROVALS_LIST, {"status": "pending"}),
-                           (admin.WORKFLOWS_LIST, {})):
-        answer = check_admin_answer(fuzz, await fuzz.ask(fuzz.operator, subject, dumps(query)),
-                                    BaseModel)
-        assert isinstance(answer, AdminError), answer
-        assert answer.code == "answer_too_large", answer
+    before = ApprovalList.model_validate_json(await fuzz.ask(
+        fuzz.operator, admin.APPROVALS_LIST, dumps({"status": "pending"}))).approvals
+    fits = {**TOKEN_REQUEST, "args": {"to": "bob", "text": "x" * (15 * 1024)}}
+    replies = [TokenRequestReply.model_validate_json(
+        await fuzz.ask(fuzz.agent.client, subj.TOKEN_REQUEST, dumps(fits))) for _ in range(12)]
+    mine = [a for a in before if a.requested_by == f"agent:{fuzz.agent.agent.name}"]
+    allowed = max(0, 4 - len(mine))
+    assert [r.status for r in replies] == ["pending"] * allowed + ["denied"] * (12 - allowed)
+    assert "still wait for the operator" in (replies[-1].reason or "")
+    listed = ApprovalList.model_validate_json(await fuzz.ask(
+        fuzz.operator, admin.APPROVALS_LIST, dumps({"status": "pending"})))
+    assert {a.id for a in before} <= {a.id for a in listed.approvals}, "a request was buried"
+    answer = check_admin_answer(fuzz, await fuzz.ask(fuzz.operator, admin.WORKFLOWS_LIST,
+                                                     dumps({})), WorkflowList)
+    assert isinstance(answer, WorkflowList), answer
     await assert_alive(fuzz)
-    assert fuzz.seen.calls.count(("send_message", "x" * 60 * 1024)) == 0
+    assert fuzz.seen.calls.count(("send_message", "x" * 15 * 1024)) == 0
 
 
 class Blob(BaseModel):

@@ -240,7 +240,7 @@ async def test_an_agent_token_request_becomes_a_pending_approval(platform: Platf
     assert answer.status == "pending"
     approval = await platform.pending()
     assert approval.id == answer.approval_id
-    assert approval.requested_by.startswith("workflow:")
+    assert approval.requested_by == "agent:notify"  # counts against its pending limit
     assert platform.seen.calls == []
 
 
