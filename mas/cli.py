@@ -14,6 +14,7 @@ from typing import Annotated
 
 import structlog
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -283,6 +284,12 @@ def main() -> None:
         # FileExistsError, PermissionError, ...): say what and where, without a traceback.
         where = f": {exc.filename}" if exc.filename is not None else ""
         typer.echo(f"mas: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
+    except ValidationError as exc:
+        # a value that reached a model unchecked (a setting, an argument): name it, no traceback
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or exc.title
+        typer.echo(f"mas: {where}: {first['msg']}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("mas: interrupted", err=True)
