@@ -174,9 +174,10 @@ def sh(args: list[str], *, timeout: float = 120, env: dict[str, str] | None = No
 
 
 def compose_services() -> dict[str, dict[str, Any]]:
+    """The services a plain `docker compose up` starts: those without a profile (the
+    tracing viewer, for one, only runs with `--profile tracing`)."""
     doc = yaml.safe_load((REPO / "compose.yaml").read_text())
-    services: dict[str, dict[str, Any]] = doc["services"]
-    return services
+    return {name: spec for name, spec in doc["services"].items() if not spec.get("profiles")}
 
 
 def compose_problem() -> str | None:
