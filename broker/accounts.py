@@ -100,9 +100,9 @@ def build_accounts(policy: Policy) -> list[Account]:
     accounts = {PLATFORM: platform}
     for name in agents:
         agent = policy.agents[name]
-        streams = int(agent.state) + int(bool(event_subjects(agent)))  # KV bucket, events
+        streams = 1 + int(bool(event_subjects(agent)))  # KV bucket (state, ledger), events
         limits = JetStreamLimits(AGENT_MAX_MEMORY, jetstream_reservation(agent), streams,
-                                 AGENT_MAX_CONSUMERS) if streams else None
+                                 AGENT_MAX_CONSUMERS)
         accounts[subj.account(name)] = Account(
             subj.account(name), (name,), limits,
             ConnectionLimits(AGENT_MAX_CONNECTIONS, AGENT_MAX_SUBSCRIPTIONS))

@@ -119,9 +119,9 @@ def agent_permissions(name: str, agent: Agent) -> Permissions:
     subscribe = [subj.commands(name), f"{subj.inbox_prefix(name)}.>", subj.REVOCATIONS,
                  *agent.subscribe, *subj.srv_subjects(name)]
     notes = [f"account {subj.account(name)}", "revocations: signed broadcasts, read-only"]
-    if agent.state:
-        publish += _kv_write(subj.kv_bucket(name))
-        notes.append(f"KV bucket {subj.kv_bucket(name)} in its own account: read/write")
+    publish += _kv_write(subj.kv_bucket(name))
+    notes.append(f"KV bucket {subj.kv_bucket(name)} in its own account: read/write"
+                 + ("" if agent.state else " (its single-use ledger only)"))
     if event_subjects(agent):
         publish += _event_feed(name)
         notes.append(f"stream {subj.event_stream(name)} of its subscribed events in its own "

@@ -159,7 +159,7 @@ def event_subjects(agent: Agent) -> list[str]:
 
 def jetstream_reservation(agent: Agent) -> int:
     """Bytes of file storage the agent's account reserves: its KV bucket and its events."""
-    reserved = size_bytes(agent.state_limit) if agent.state else 0
+    reserved = size_bytes(agent.state_limit) if agent.state else subj.LEDGER_MAX_BYTES
     if event_subjects(agent):
         reserved += subj.EVENT_STREAM_MAX_BYTES
     return reserved

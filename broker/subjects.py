@@ -61,6 +61,12 @@ def kv_bucket(agent: str) -> str:
     return f"agent_{agent}"
 
 
+# Every agent has its KV bucket: with `state: true` it is also the agent's ctx.state (up to
+# its state_limit); in any case it keeps the single-use ledger (used token ids), so a
+# restarted agent still refuses a step it already ran.
+LEDGER_MAX_BYTES = 16 * 1024**2
+
+
 # Events an agent subscribes to are kept for it in a stream of its own account, read
 # through one durable consumer named after it that its replicas share (see
 # agents/runtime/feed.py). Heartbeats stay live only; the audit feed is a stream already.

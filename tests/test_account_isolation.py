@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import nats.errors
+import nats.js.errors
 import pytest
 import structlog
 from nats.aio.msg import Msg
@@ -91,11 +92,17 @@ async def test_an_agent_cannot_reserve_more_storage_than_its_limit(
                                          max_bytes=1024**3))
 
 
-async def test_a_stateless_agent_has_no_jetstream_at_all(connect_as: ConnectAs) -> None:
+async def test_a_stateless_agents_jetstream_holds_only_its_small_ledger(
+        connect_as: ConnectAs) -> None:
+    """A stateless agent's account has room for its single-use ledger and nothing more: a
+    bucket of another name is refused, and one bigger than the reservation too."""
     rogue = await connect_as("notify")
+    js = rogue.nc.jetstream(timeout=0.5)
     with pytest.raises(REFUSED):
-        await asyncio.wait_for(rogue.nc.jetstream(timeout=0.5).create_key_value(
-            bucket=subj.kv_bucket("notify")), 1)
+        await asyncio.wait_for(js.create_key_value(bucket="notify_stash"), 1)
+    with pytest.raises(nats.js.errors.APIError, match="insufficient storage"):
+        await asyncio.wait_for(js.create_key_value(
+            bucket=subj.kv_bucket("notify"), max_bytes=subj.LEDGER_MAX_BYTES * 4), 1)
 
 
 async def test_one_agent_cannot_take_every_connection(

@@ -175,11 +175,13 @@ async def test_agent_cannot_open_another_agents_bucket(connect_as: ConnectAs, ag
 
 
 @pytest.mark.parametrize("agent", STATELESS)
-async def test_stateless_agent_cannot_create_a_bucket(connect_as: ConnectAs, agent: str) -> None:
+async def test_stateless_agent_cannot_create_any_bucket_but_its_ledger(
+        connect_as: ConnectAs, agent: str) -> None:
     rogue = await connect_as(agent)
+    other = f"{subj.kv_bucket(agent)}_more"
     with pytest.raises(REFUSED):
-        await rogue.nc.jetstream(timeout=0.5).create_key_value(bucket=subj.kv_bucket(agent))
-    await wait_for_violation(rogue, "publish", f"$JS.API.STREAM.CREATE.KV_{subj.kv_bucket(agent)}")
+        await rogue.nc.jetstream(timeout=0.5).create_key_value(bucket=other)
+    await wait_for_violation(rogue, "publish", f"$JS.API.STREAM.CREATE.KV_{other}")
 
 
 async def _audit_stream(orch_js) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from broker.accounts import build_accounts
 from broker.compiler import CONFIG_NAME, compile_config, drift
 from broker.errors import ServerError
 from broker.permissions import Permissions, all_permissions
-from broker.policy import SERVICE_NAMES, Policy, load_policy
+from broker.policy import SERVICE_NAMES, Policy, load_policy, size_bytes
 from broker.secrets import init_secrets
 from broker.server import NatsServer
 from mas.project import Project
@@ -160,7 +160,7 @@ def test_agent_jetstream_access_is_only_its_own_bucket(
                   if "KV_" in e or e.startswith("$KV.")]
     buckets = {re.search(r"(?:KV_|\$KV\.)([A-Za-z0-9_]+)", e).group(1)  # type: ignore[union-attr]
                for e in kv_entries}
-    assert buckets == ({own} if agent.state else set())
+    assert buckets == {own}  # every agent: its own bucket (state and/or single-use ledger)
     # Revocations reach agents as signed broadcasts; the bucket itself is out of reach.
     assert subj.REVOCATIONS in p.subscribe_allow
     for entry in p.publish_allow:
@@ -168,12 +168,14 @@ def test_agent_jetstream_access_is_only_its_own_bucket(
         assert not subj.overlaps(entry, f"$JS.API.STREAM.CREATE.KV_{revocations}"), entry
         assert not subj.overlaps(entry, f"$JS.API.STREAM.DELETE.KV_{revocations}"), entry
         assert not subj.overlaps(entry, f"$JS.API.STREAM.PURGE.KV_{revocations}"), entry
-    if agent.state:
-        assert f"$KV.{own}.>" in p.publish_allow
-        assert f"$JS.API.STREAM.CREATE.KV_{own}" in p.publish_allow
-    else:
-        assert not any(e.startswith(("$KV.", "$JS.API.STREAM.CREATE.KV_"))
-                       for e in p.publish_allow)
+    assert f"$KV.{own}.>" in p.publish_allow
+    assert f"$JS.API.STREAM.CREATE.KV_{own}" in p.publish_allow
+    assert not any(e.startswith(("$KV.", "$JS.API.STREAM.CREATE.KV_"))
+                   and own not in e for e in p.publish_allow)
+    js = {a.name: a for a in build_accounts(policy)}[subj.account(identity)].jetstream
+    assert js is not None
+    assert js.max_file >= (size_bytes(agent.state_limit) if agent.state
+                           else subj.LEDGER_MAX_BYTES)
 
 
 @pytest.mark.parametrize(("policy_key", "identity"),
@@ -201,12 +203,10 @@ def test_event_stream_grants_are_exactly_its_own_stream_and_consumer(
     assert not any(subj.overlaps(e, f"$JS.API.CONSUMER.CREATE.{stream}.spy") for e in feed)
     accounts = {a.name: a for a in build_accounts(policy)}
     js = accounts[subj.account(identity)].jetstream
+    assert js is not None  # every agent has its bucket
+    assert js.max_streams == 1 + int(bool(durable))
     if durable:
-        assert js is not None
         assert js.max_file >= subj.EVENT_STREAM_MAX_BYTES
-        assert js.max_streams == 1 + int(agent.state)
-    elif not agent.state:
-        assert js is None
 
 
 def test_only_the_orchestrator_may_send_commands() -> None:

@@ -358,6 +358,22 @@ async def test_stop_drains_the_request_in_hand(rig: Rig, tmp_path: object) -> No
     assert service.state == "stopped"
 
 
+async def test_a_restarted_stateless_agent_still_refuses_a_step_it_ran(rig: Rig) -> None:
+    """The single-use ledger is in the agent's bucket even without `state: true`: a
+    stateless agent killed after running a step and started again refuses the resend."""
+    first = await rig.start("notify")
+    args = {"text": "once"}
+    token, _ = rig.caller.mint("notify", "notify_owner", args, jti="wf-restart-s1")
+    assert isinstance(await rig.caller.call("notify", "notify_owner", args, token=token),
+                      Completed)
+    await first.stop()
+    await rig.start("notify")
+    replay = await rig.caller.call("notify", "notify_owner", args, token=token)
+    assert isinstance(replay, Refused)
+    assert replay.code == "token_replayed"
+    assert rig.seen.calls == [("notify_owner", "once")]
+
+
 async def test_single_use_holds_across_replicas_of_a_stateful_agent(rig: Rig) -> None:
     first = await rig.start("aggregator", stateful=True)
     second = await rig.start("aggregator", stateful=True)

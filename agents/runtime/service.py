@@ -99,14 +99,15 @@ class AgentService:
                                               name=f"{name}/{self.instance}")
         follower = RevocationFollower(client)
         await follower.start()
-        kv = None
-        if self.stateful:
-            kv = await client.nc.jetstream(timeout=3).create_key_value(
-                bucket=subj.kv_bucket(name), history=1)
+        # every agent's bucket keeps its single-use ledger, so a restart forgets no used
+        # token; only a stateful agent also gets it as ctx.state
+        kv = await client.nc.jetstream(timeout=3).create_key_value(
+            bucket=subj.kv_bucket(name), history=1)
         verifier = TokenVerifier(self.material.trust.issuer_ring(), issuer=ISSUER,
                                  cache_size=1024)
         self.gate = CommandGate(name, verifier, follower.revocations, SingleUseLedger(kv))
-        state = _KvState(kv, client.nc.jetstream(timeout=3), subj.kv_bucket(name)) if kv else None
+        state = _KvState(kv, client.nc.jetstream(timeout=3), subj.kv_bucket(name)) \
+            if self.stateful else None
         self.context = Context(name, self._publish, state,
                                log.bind(agent=name), settings=self.settings)
         self._subs.append(await client.subscribe(
