@@ -71,7 +71,7 @@ def _configure_logging() -> None:
     logging.getLogger("asyncio").setLevel(logging.ERROR)
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
-                    renderer],
+                    structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )

@@ -89,7 +89,7 @@ def _state(ctx: Context) -> State:
 
 
 async def _newest_day(state: State) -> date | None:
-    days = [k.removeprefix(DAY_PREFIX) for k in await state.keys() if k.startswith(DAY_PREFIX)]
+    days = [k.removeprefix(DAY_PREFIX) for k in await state.keys(DAY_PREFIX)]
     return date.fromisoformat(max(days)) if days else None
 
 

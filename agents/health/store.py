@@ -119,8 +119,8 @@ async def _ingest(state: State, settings: HealthSettings, log: Any,
             continue
         await _process(state, settings, log, path, fp, size, report)
     present = {EXPORT_PREFIX + fp for fp, _ in files.values()}
-    for key in await state.keys():
-        if key.startswith(EXPORT_PREFIX) and key not in present:
+    for key in await state.keys(EXPORT_PREFIX):
+        if key not in present:
             await state.delete(key)  # the file is gone; forget it
     if report.parsed:
         await _prune(state, settings)
@@ -191,6 +191,6 @@ def _cutoff(meta: Meta | None, settings: HealthSettings) -> str:
 
 async def _prune(state: State, settings: HealthSettings) -> None:
     cutoff = _cutoff(await load_model(state, META, Meta), settings)
-    for key in await state.keys():
-        if key.startswith(DAY_PREFIX) and key.removeprefix(DAY_PREFIX) < cutoff:
+    for key in await state.keys(DAY_PREFIX):
+        if key.removeprefix(DAY_PREFIX) < cutoff:
             await state.delete(key)

@@ -42,7 +42,9 @@ class State(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def keys(self) -> list[str]: ...
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Live keys starting with ``prefix`` (end it with "." to let the server filter)."""
+        ...
 
 
 class MemoryState:
@@ -62,8 +64,8 @@ class MemoryState:
     async def delete(self, key: str) -> None:
         self.data.pop(key, None)
 
-    async def keys(self) -> list[str]:
-        return sorted(self.data)
+    async def keys(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
 
 
 async def load_model(state: State, key: str, model: type[M]) -> M | None:
