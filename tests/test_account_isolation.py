@@ -33,6 +33,9 @@ async def _audit(js) -> None:  # type: ignore[no-untyped-def]
         deny_purge=True, allow_rollup_hdrs=False, discard=DiscardPolicy.NEW, allow_direct=True))
 
 
+@pytest.mark.attack("read another agent's replies or KV",
+                    threat="an agent configures its own stream to capture other identities' "
+                           "traffic")
 async def test_an_agents_own_stream_cannot_capture_other_traffic(
     connect_fresh: ConnectAs,
 ) -> None:
@@ -59,6 +62,9 @@ async def test_an_agents_own_stream_cannot_capture_other_traffic(
     assert info.state.messages == 0, "the agent's stream captured another identity's traffic"
 
 
+@pytest.mark.attack("delete or rewrite the audit stream",
+                    threat="an agent injects records into the audit stream through a JetStream "
+                           "reply subject")
 async def test_a_jetstream_reply_cannot_be_injected_into_the_audit_stream(
     connect_as: ConnectAs,
 ) -> None:

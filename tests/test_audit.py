@@ -116,6 +116,9 @@ def test_an_untouched_log_verifies_from_the_stream_and_from_its_export(
 
 @pytest.mark.parametrize("case", ["changed", "removed", "swapped", "foreign_key",
                                   "foreign_sig_same_kid", "truncated_tail"])
+@pytest.mark.attack("delete or rewrite the audit stream",
+                    threat="records changed, removed, swapped, re-signed or cut off are found by "
+                           "mas audit verify")
 def test_tampering_is_found_at_the_right_record(written: Written, tmp_path: Path,
                                                 case: str) -> None:
     lines = list(written.lines)
@@ -163,6 +166,9 @@ def test_without_a_checkpoint_file_a_changed_last_record_still_fails_its_signatu
     assert f"FAILED verification at record {RECORDS + 4}:" in output, output
 
 
+@pytest.mark.attack("delete or rewrite the audit stream",
+                    threat="the audit stream deleted, purged, or forked by an out-of-order "
+                           "append; the operator writes to it")
 async def test_the_broker_refuses_deletes_purges_and_out_of_order_appends(
         fresh_broker: RunningBroker, connect_fresh: object) -> None:
     orch = await connection.connect(load_identity(fresh_broker.secrets, "orchestrator"),

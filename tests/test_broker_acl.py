@@ -95,6 +95,9 @@ def forbidden_publishes(agent: str) -> list[str]:
     ]
 
 
+@pytest.mark.attack("publish to another agent's subjects",
+                    threat="a compromised agent sends commands, events or token requests in "
+                           "another agent's name")
 @pytest.mark.parametrize("agent", AGENTS)
 async def test_agent_cannot_publish_outside_its_grants(connect_as: ConnectAs, agent: str) -> None:
     rogue, watcher = await connect_as(agent), await connect_as("orchestrator")
@@ -125,6 +128,9 @@ def forbidden_subscriptions(agent: str) -> list[str]:
     ]
 
 
+@pytest.mark.attack("read another agent's replies or KV",
+                    threat="a compromised agent listens to another agent's commands, another "
+                           "identity's inbox or operator decisions")
 @pytest.mark.parametrize("agent", AGENTS)
 async def test_agent_cannot_subscribe_outside_its_grants(connect_as: ConnectAs, agent: str) -> None:
     rogue, orch = await connect_as(agent), await connect_as("orchestrator")
@@ -156,6 +162,8 @@ async def test_stateful_agent_uses_its_own_bucket(connect_as: ConnectAs, agent: 
     assert not me.violations
 
 
+@pytest.mark.attack("read another agent's replies or KV",
+                    threat="a compromised agent reads or overwrites another agent's KV state")
 @pytest.mark.parametrize("agent", AGENTS)
 async def test_agent_cannot_open_another_agents_bucket(connect_as: ConnectAs, agent: str) -> None:
     owner_name = next(a for a in STATEFUL if a != agent)
@@ -191,6 +199,9 @@ async def _audit_stream(orch_js) -> None:  # type: ignore[no-untyped-def]
     ))
 
 
+@pytest.mark.attack("delete or rewrite the audit stream",
+                    threat="any identity, even the orchestrator, deletes, purges or shrinks the "
+                           "audit stream")
 @pytest.mark.parametrize("identity", [*AGENTS, "operator", "orchestrator", "control"])
 async def test_nobody_can_delete_or_purge_the_audit_stream(
     connect_as: ConnectAs, identity: str

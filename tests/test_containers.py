@@ -551,6 +551,8 @@ def memory_bytes(text: str) -> int:
 # --- network: no agent reaches another agent, the outside or the host ------------------------
 
 
+@pytest.mark.attack("reach another container",
+                    threat="a compromised agent opens a socket to another agent's container")
 @pytest.mark.parametrize("agent", AGENTS)
 def test_agent_reaches_nats_but_no_other_agent(stack: Stack, agent: str) -> None:
     others = [a for a in AGENTS if a != agent]
@@ -576,6 +578,8 @@ def test_agent_reaches_nats_but_no_other_agent(stack: Stack, agent: str) -> None
             assert f"dev br-{network['Id'][:12]}" not in route, (other, route)
 
 
+@pytest.mark.attack("reach the internet from the isolated tier",
+                    threat="an isolated-tier agent reaches the internet or the host")
 @pytest.mark.parametrize("agent", ISOLATED)
 def test_isolated_agent_reaches_neither_the_outside_nor_the_host(
         stack: Stack, outside: str, agent: str) -> None:
@@ -606,6 +610,8 @@ def test_nats_monitoring_is_on_the_hosts_loopback_only(stack: Stack) -> None:
 # --- the container itself ----------------------------------------------------------------------
 
 
+@pytest.mark.attack("call denied syscalls",
+                    threat="an agent runs as root, keeps capabilities or gains privileges")
 @pytest.mark.parametrize("agent", AGENTS)
 def test_agent_runs_unprivileged_under_its_own_uid(stack: Stack, agent: str) -> None:
     status = stack.python(agent, "import json; print(json.dumps(dict(line.split(':\\t', 1) "
@@ -619,12 +625,15 @@ def test_agent_runs_unprivileged_under_its_own_uid(stack: Stack, agent: str) -> 
     assert status["Seccomp"] == "2"
 
 
+@pytest.mark.attack("call denied syscalls", threat="an agent calls unshare, ptrace, mount or bind")
 @pytest.mark.parametrize("agent", AGENTS)
 def test_seccomp_refuses_namespaces_tracing_and_listening(stack: Stack, agent: str) -> None:
     assert stack.python(agent, SYSCALLS) == {"unshare": "EPERM", "ptrace": "EPERM",
                                              "mount": "EPERM", "bind": "EPERM", "getpid": "ok"}
 
 
+@pytest.mark.attack("write its root filesystem",
+                    threat="an agent writes its root filesystem, its code or its secrets")
 @pytest.mark.parametrize("agent", AGENTS)
 def test_root_filesystem_and_secrets_are_read_only(stack: Stack, agent: str) -> None:
     paths = ["/probe", "/mas/probe", "/opt/mas/bin/mas", f"/mas/secrets/{agent}/nkey.seed",
@@ -712,6 +721,9 @@ def egress_decisions(stack: Stack) -> list[dict[str, Any]]:
             if r.get("event") == "egress.decision"]
 
 
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="the scoped agent reaches hosts or ports beyond its allowlist, or "
+                           "bypasses the proxy")
 def test_scoped_agent_reaches_only_its_lan_host_through_the_proxy(
         stack: Stack, fake_home_assistant: Fake) -> None:
     assert stack.python("home", "import json, os; print(json.dumps([os.environ.get(k) for k "

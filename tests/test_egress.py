@@ -215,6 +215,8 @@ async def test_allowed_host_is_tunnelled_with_tls_end_to_end(
     assert line["method"] == "CONNECT"
 
 
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="DNS rebinding redirects an allowed name after the check")
 async def test_the_name_is_resolved_once_so_rebinding_cannot_redirect(
         proxy: tuple[int, Upstreams]) -> None:
     port, up = proxy
@@ -224,6 +226,8 @@ async def test_the_name_is_resolved_once_so_rebinding_cannot_redirect(
     assert up.lookups == [ALLOWED]
 
 
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="a scoped agent asks the proxy for a host outside its list")
 async def test_a_host_not_in_the_agents_list_gets_403_and_a_log_line(
         proxy: tuple[int, Upstreams]) -> None:
     port, up = proxy
@@ -245,6 +249,9 @@ async def test_a_host_not_in_the_agents_list_gets_403_and_a_log_line(
     ("mapped.allowed.test", "private_address"),
     ("cgnat.allowed.test", "private_address"),
 ])
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="an allowed name that resolves to a private, loopback or link-local "
+                           "address")
 async def test_an_allowed_name_that_resolves_to_a_private_address_is_refused(
         proxy: tuple[int, Upstreams], name: str, reason: str) -> None:
     port, _ = proxy
@@ -266,6 +273,8 @@ async def test_a_port_other_than_443_is_refused(proxy: tuple[int, Upstreams]) ->
     assert up.lookups == []
 
 
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="a scoped agent uses another agent's allowlist")
 async def test_an_agent_cannot_reach_another_agents_host(proxy: tuple[int, Upstreams]) -> None:
     port, _ = proxy
     with capture_logs() as logs:
@@ -289,6 +298,8 @@ async def test_a_client_that_is_no_scoped_agent_is_refused(proxy: tuple[int, Ups
     assert line["client"] == STRANGER
 
 
+@pytest.mark.attack("escape the scoped tier's allowlist",
+                    threat="an address literal instead of an allowed name")
 async def test_address_literals_are_refused(proxy: tuple[int, Upstreams]) -> None:
     port, up = proxy
     for target in ("93.184.216.34:443", "127.0.0.1:443", "[::1]:443"):

@@ -141,6 +141,9 @@ def test_failed_open_does_not_burn_the_nonce(
 # --- sender identity ---------------------------------------------------------------------
 
 
+@pytest.mark.attack("publish to another agent's subjects",
+                    threat="a message signed with the attacker's key but claiming another "
+                           "identity and its key id")
 def test_attacker_key_claiming_known_identity_and_kid_is_bad_signature(
     verifier: EnvelopeVerifier,
 ) -> None:

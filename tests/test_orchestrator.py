@@ -169,6 +169,8 @@ async def test_a_denial_reaches_the_workflow_with_its_reason(platform: Platform)
     assert platform.seen.calls == []
 
 
+@pytest.mark.attack("approve its own request",
+                    threat="an approval decision forged, bound to other arguments or replayed")
 async def test_forged_replayed_and_misdirected_decisions_are_refused(platform: Platform) -> None:
     await platform.run_plan(SEND)
     approval = await platform.pending()
@@ -244,6 +246,8 @@ async def test_an_agent_token_request_becomes_a_pending_approval(platform: Platf
     assert platform.seen.calls == []
 
 
+@pytest.mark.attack("approve its own request",
+                    threat="an agent publishes its own signed approval to the operator's endpoint")
 async def test_an_agent_cannot_reach_the_operator_endpoints(platform: Platform) -> None:
     await platform.run_plan(SEND)
     approval = await platform.pending()

@@ -82,6 +82,8 @@ async def test_the_store_survives_an_orchestrator_restart(connect_as: ConnectAs)
     await again.lift("jti", "survivor123")
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="an agent lifts a revocation to bring its tokens back")
 @pytest.mark.parametrize("rogue_name", ["notify", "anomaly"])
 async def test_no_agent_can_revoke_or_lift(connect_as: ConnectAs, rogue_name: str) -> None:
     orch = await connect_as("orchestrator")

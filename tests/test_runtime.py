@@ -167,6 +167,8 @@ async def test_a_token_signed_by_an_untrusted_key_is_refused(rig: Rig) -> None:
         "token_unknown_key"
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a command carrying a forged token reaches an agent's runtime")
 async def test_a_forged_signature_under_the_real_key_id_is_refused(rig: Rig) -> None:
     await rig.start()
     _, claims = rig.issuer.issue(audience="notify", actions=["notify_owner"],
@@ -184,6 +186,8 @@ async def test_an_expired_token_is_refused(rig: Rig) -> None:
     assert (await _refused(rig, "notify_owner", {"text": "x"}, token)).code == "token_expired"
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a token issued to one agent replayed against another")
 async def test_a_token_for_another_agent_is_refused(rig: Rig) -> None:
     await rig.start()
     token, _ = rig.issuer.issue(audience="home", actions=["notify_owner"],
@@ -206,6 +210,8 @@ async def test_a_token_for_another_action_is_refused(rig: Rig) -> None:
     assert reply.code == "token_out_of_scope"
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a revoked token used again before it expires")
 async def test_revoking_a_token_stops_it_on_the_next_message(rig: Rig) -> None:
     await rig.start()
     token, claims = rig.caller.mint("notify", "notify_owner", {"text": "x"})
@@ -232,6 +238,8 @@ async def test_the_kill_switch_refuses_every_token_issued_before_it(rig: Rig) ->
     assert rig.seen.calls == []
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="an approved single-use token replayed for a second side effect")
 async def test_a_single_use_token_works_once(rig: Rig) -> None:
     await rig.start()
     args = {"to": "bob", "text": "hi"}
@@ -263,6 +271,8 @@ async def test_a_sensitive_action_needs_an_approved_single_use_token(rig: Rig) -
     assert (await _refused(rig, "send_message", args, reusable)).code == "approval_required"
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a captured command envelope replayed verbatim")
 async def test_a_replayed_envelope_is_answered_with_a_refusal(rig: Rig) -> None:
     await rig.start()
     token, _ = rig.caller.mint("notify", "notify_owner", {"text": "x"})

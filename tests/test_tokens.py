@@ -139,6 +139,8 @@ def test_valid_token_round_trips_claims(issuer: TokenIssuer, verifier: TokenVeri
 # --- signature --------------------------------------------------------------------------
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a token forged under the orchestrator's key id")
 def test_forged_token_reusing_trusted_kid_is_bad_signature(
     key: SigningKey, verifier: TokenVerifier
 ) -> None:
@@ -150,6 +152,9 @@ def test_forged_token_reusing_trusted_kid_is_bad_signature(
         check(verifier, forged)
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a real token widened to more actions or another audience, keeping its"
+                           " signature")
 def test_tampered_claim_with_original_signature_is_bad_signature(
     issuer: TokenIssuer, verifier: TokenVerifier
 ) -> None:
@@ -330,6 +335,8 @@ def test_args_hash_is_independent_of_key_order() -> None:
 # --- lifetime cap -------------------------------------------------------------------------
 
 
+@pytest.mark.attack("forge, replay or extend tokens",
+                    threat="a token whose lifetime was extended past the cap")
 def test_lifetime_above_verifier_cap_is_refused(
     key: SigningKey, issuer: TokenIssuer, ring: KeyRing
 ) -> None:
