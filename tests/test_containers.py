@@ -343,8 +343,9 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     (root / "data" / "health").mkdir(parents=True)
     (root / "data" / "health" / "export.xml").write_text("<HealthData/>\n")
     port = free_port()
+    # published ports of our own, so a local dashboard or another stack cannot collide
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
-           "MAS_MONITOR_PORT": str(port)}
+           "MAS_MONITOR_PORT": str(port), "MAS_DASHBOARD_PORT": str(free_port())}
     if "DOCKER_HOST" in os.environ:
         env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
     if Path(DOCKER_SOCKET).exists():  # control reaches the engine through the socket's group

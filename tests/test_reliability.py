@@ -411,8 +411,14 @@ def usage_table(before: dict[str, int], after: dict[str, int],
                      f"   CPU {cpu[name]:6.1f} s" for name in before)
 
 
-def near(before: int, after: int) -> bool:
-    return after <= max(before + RSS_SLACK, before * RSS_FACTOR)
+def near(before: int, after: int, slack: int = RSS_SLACK) -> bool:
+    return after <= max(before + slack, before * RSS_FACTOR)
+
+
+# nats-server keeps what the load stored: every agent's single-use ledger entries (one per
+# step, kept at least an hour by design) and some 40,000 audit records, with its indexes;
+# it gets more room than our own processes, whose growth would be a leak.
+NATS_RSS_SLACK = 128 * MIB
 
 
 # --------------------------------------------------------------------------- load
@@ -452,7 +458,8 @@ async def test_ten_thousand_steps_with_64_in_flight(open_stack: OpenStack) -> No
 
     def settled() -> bool:
         after.update({name: rss(pid) for name, pid in pids.items()})
-        return all(near(baseline[n], after[n]) for n in baseline)
+        return all(near(baseline[n], after[n],
+                        NATS_RSS_SLACK if n == "nats-server" else RSS_SLACK) for n in baseline)
 
     try:
         await eventually(settled, timeout=30, what="memory back near its baseline")
