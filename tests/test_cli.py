@@ -413,21 +413,34 @@ def running(up_folder: Path) -> Iterator[tuple[subprocess.Popen[str], list[str]]
                 stream.close()
 
 
+_partial: dict[int, str] = {}  # per process: the start of a line not yet complete
+
+
 def read_until(proc: subprocess.Popen[str], lines: list[str], needle: str,
                timeout: float) -> bool:
+    """Append ``proc``'s output lines to ``lines`` until one contains ``needle``.
+
+    Reads the pipe's file descriptor directly: waiting with select() on the buffered text
+    stream missed a second line that arrived in the same chunk as the first (it sat in
+    Python's buffer while select() waited on an empty pipe)."""
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if any(needle in ln for ln in lines):
                 return True
             if sel.select(timeout=0.2):
-                line = proc.stdout.readline()
-                if not line:
-                    return any(needle in ln for ln in lines)
-                lines.append(line)
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                text = _partial.pop(id(proc), "") + chunk.decode(errors="replace")
+                *complete, rest = text.split("\n")
+                lines.extend(line + "\n" for line in complete)
+                if rest:
+                    _partial[id(proc)] = rest
         return any(needle in ln for ln in lines)
     finally:
         sel.close()
