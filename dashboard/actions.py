@@ -36,13 +36,7 @@ class DecideForm(BaseModel):
     reason: Annotated[str, Field(max_length=500)] = ""
 
 
-class RevokeForm(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["jti", "agent"]
-    target: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
-    reason: Annotated[str, Field(max_length=500)] = ""
-    lift: bool = False
+RevokeForm = admin.RevokeRequest  # the form is exactly the operator's revoke request
 
 
 class RunForm(BaseModel):
@@ -74,10 +68,8 @@ class Controls:
         except BrokerError as exc:
             raise ActionFailed(str(exc)) from None
 
-    async def revoke(self, form: RevokeForm) -> str:
-        request = admin.RevokeRequest(kind=form.kind, target=form.target, reason=form.reason,
-                                      lift=form.lift)
-        return (await self._ask(admin.REVOKE, request, admin.Ok)).detail
+    async def revoke(self, form: admin.RevokeRequest) -> str:
+        return (await self._ask(admin.REVOKE, form, admin.Ok)).detail
 
     async def run(self, form: RunForm) -> Workflow:
         # a few seconds, so the answer usually says where it stands (waiting for approval)
