@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-import nats.js.errors
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
@@ -22,6 +21,7 @@ from rich.table import Table
 from broker import connection
 from broker import subjects as subj
 from broker.errors import BrokerError
+from broker.kv import bucket_keys
 from broker.secrets import load_identity
 from mas.approvals_watch import Watcher, WatchError, load_ntfy, pick_dialog
 from mas.audit_cli import StreamReader, parse_since
@@ -387,12 +387,8 @@ def tokens_list(
             records = [AuditRecord.model_validate_json(raw) async for _, raw in
                        StreamReader(client).records(since=start)]
             kv = await client.nc.jetstream(timeout=5).key_value(subj.REVOCATIONS_BUCKET)
-            try:
-                keys = await kv.keys()
-            except nats.js.errors.NoKeysError:
-                keys = []
             revocations = []
-            for key in keys:
+            for key in await bucket_keys(kv):
                 entry = await kv.get(key)
                 with contextlib.suppress(ValidationError):
                     revocations.append(Revocation.model_validate_json(entry.value or b""))

@@ -18,6 +18,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from pydantic import JsonValue
 
+from broker.kv import bucket_keys
 from orchestrator.errors import Refusal
 from protocol.approvals import Approval, ApprovalStatus
 from protocol.explain import Explanation
@@ -83,11 +84,7 @@ class ApprovalStore:
 
     async def find(self, status: ApprovalStatus | None = None,
                    now: float | None = None) -> list[Approval]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        found = [await self.get(k, now=now) for k in keys]
+        found = [await self.get(k, now=now) for k in await bucket_keys(self.kv)]
         return sorted((a for a in found if status is None or a.status == status),
                       key=lambda a: a.created_at)
 
@@ -117,12 +114,8 @@ class ApprovalStore:
 
     async def sweep(self, now: float | None = None) -> list[Approval]:
         """Expire what ran out; returns the approvals that expired in this sweep."""
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
         expired = []
-        for key in keys:
+        for key in await bucket_keys(self.kv):
             before, _ = await self._read(key)
             if before.status != "pending":
                 continue

@@ -29,6 +29,7 @@ import nats.js.errors
 import structlog
 from nats.js.kv import KeyValue
 
+from broker.kv import bucket_keys
 from orchestrator.approvals import ApprovalError, ApprovalStore
 from orchestrator.dispatch import AgentCaller
 from orchestrator.plan import (
@@ -86,11 +87,8 @@ class Engine:
         return Workflow.model_validate_json(entry.value or b"")
 
     async def all(self) -> list[Workflow]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        found = [await self.load(k.removeprefix(PREFIX)) for k in keys if k.startswith(PREFIX)]
+        found = [await self.load(k.removeprefix(PREFIX))
+                 for k in await bucket_keys(self.kv, PREFIX)]
         return sorted((w for w in found if w is not None), key=lambda w: w.created_at)
 
     async def submit(self, request: str, plan: Plan, *, trace_id: str | None = None) -> Workflow:

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from broker import subjects as subj
 from broker.connection import MessageTooLarge, SignedMessage, connect
 from broker.discovery import Discovery, EndpointSpec, package_version
+from broker.kv import bucket_keys
 from broker.policy import Policy
 from broker.revocations import RevocationAuthority
 from broker.secrets import IdentityMaterial
@@ -233,11 +233,7 @@ class Orchestrator:
             raise Refusal("not_operator", f"only the operator may use {msg.subject}")
 
     async def _load_registrations(self) -> None:
-        try:
-            keys = await self.workflows_kv.keys()
-        except nats.js.errors.NoKeysError:
-            return
-        for key in keys:
+        for key in await bucket_keys(self.workflows_kv, "registry."):
             if key.startswith("registry."):
                 entry = await self.workflows_kv.get(key)
                 with contextlib.suppress(ValidationError):
