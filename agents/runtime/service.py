@@ -25,7 +25,6 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from pydantic import BaseModel, ValidationError
 
@@ -39,6 +38,7 @@ from agents.runtime.senders import sender_allowed
 from broker import subjects as subj
 from broker.connection import BrokerClient, MessageTooLarge, SignedMessage, connect
 from broker.discovery import Discovery, EndpointSpec
+from broker.kv import list_keys
 from broker.revocations import RevocationFollower
 from broker.secrets import IdentityMaterial
 from protocol.actions import Completed, Failed, Refused
@@ -50,7 +50,6 @@ log = structlog.get_logger("mas.agent")
 ISSUER = "orchestrator"
 MAX_CONCURRENCY = 32
 KEY_LISTINGS = 4  # concurrent ctx.state.keys() calls, well under the account's consumers
-LISTING_IDLE_S = 30.0  # a listing's consumer, should its deletion fail
 
 
 class AgentService:
@@ -405,36 +404,8 @@ class _KvState:
         await self.kv.delete(key)
 
     async def keys(self, prefix: str = "") -> list[str]:
-        """Every live key (starting with ``prefix``), listed through a consumer deleted
-        right after. nats-py's ``kv.keys()`` leaves its consumer on the server for five
-        minutes and the agent's account may hold only a few (policy ``max_consumers``),
-        so a handler that listed keys failed from its 17th call in five minutes on. A
-        prefix ending in "." is filtered by the server: the listing then costs what it
-        finds, not every entry of the bucket (the single-use ledger keeps one per
-        command for an hour: with 2,000 of them a listing took 96 ms, by prefix 4 ms)."""
-        stream, name = f"KV_{self.bucket}", None
-        within = prefix if prefix.endswith(".") else ""
-        keys: list[str] = []
+        """Every live key starting with ``prefix`` (see ``broker.kv``: a consumer deleted at
+        once, since an agent's account may hold only a few; a prefix ending in "." is
+        filtered by the server, so the single-use ledger's entries cost nothing here)."""
         async with self._listings:
-            sub = await self.js.pull_subscribe(
-                f"$KV.{self.bucket}.{within}>", stream=stream, config=ConsumerConfig(
-                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-                    headers_only=True, mem_storage=True, inactive_threshold=LISTING_IDLE_S))
-            try:
-                info = await sub.consumer_info()
-                name, pending = info.name, info.num_pending or 0
-                while pending > 0:
-                    try:
-                        batch = await sub.fetch(min(pending, 256), timeout=5)
-                    except nats.errors.TimeoutError:
-                        break  # the rest expired meanwhile (entries with a TTL)
-                    for msg in batch:
-                        pending = msg.metadata.num_pending or 0
-                        if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
-                            keys.append(msg.subject.removeprefix(f"$KV.{self.bucket}."))
-            finally:
-                await sub.unsubscribe()
-                if name is not None:
-                    with contextlib.suppress(nats.errors.Error):
-                        await self.js.delete_consumer(stream, name)
-        return sorted(k for k in keys if k.startswith(prefix))
+            return await list_keys(self.js, self.bucket, prefix)
