@@ -159,6 +159,13 @@ async def test_a_burst_while_the_agent_is_down_raises_its_alert_when_it_is_back(
     await settle(operator)
     first = await rig.start()
     await first.stop()
+    # A pull the stopped instance left on the server would still take a record (handed
+    # back only after the ack wait): let it expire so the burst waits for the next one.
+    js = rig.orch.client.nc.jetstream(timeout=3)
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await js.consumer_info(AUDIT, "anomaly")).num_waiting:
+        assert asyncio.get_running_loop().time() < deadline, "a pull did not expire"
+        await asyncio.sleep(0.1)
     burst = await refuse(rig.orch, "home", 6)
     pending, _ = await consumer_state(rig.orch)
     assert pending >= len(burst)  # kept for the consumer while nobody reads it
