@@ -18,6 +18,8 @@ from broker.policy import Policy, size_bytes
 
 CONFIG_NAME = "nats-server.conf"
 RESPONSE_TTL = "2m"
+SERVER_PING_INTERVAL_S = 10
+SERVER_PING_MAX = 2
 
 
 def nkey_variable(identity: str) -> str:
@@ -107,6 +109,11 @@ def compile_config(policy: Policy) -> str:
         f"http: {_q(b.monitor)}",
         f"max_payload: {size_bytes(b.max_payload)}",
         "max_connections: 1024",
+        "# A client that stops answering (cut off the network, frozen) is dropped after",
+        "# about ping_interval x ping_max, so its queue subscriptions stop taking requests",
+        "# meant for the replica that reconnects; clients ping every 5 s for the same reason.",
+        f'ping_interval: "{SERVER_PING_INTERVAL_S}s"',
+        f"ping_max: {SERVER_PING_MAX}",
         "",
         "# Mutual TLS 1.3: every client presents a certificate from this install's CA.",
         "tls {",

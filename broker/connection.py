@@ -33,6 +33,8 @@ from security.errors import EnvelopeError
 
 log = structlog.get_logger("mas.broker")
 RESPONSE_PREFIX = "_R_."  # reply subjects nats-server maps for cross-account requests
+PING_INTERVAL_S = 5
+MAX_OUTSTANDING_PINGS = 2
 
 
 def reply_binding(request_nonce: str) -> str:
@@ -288,6 +290,10 @@ async def connect(
             allow_reconnect=max_reconnect_attempts != 0,
             max_reconnect_attempts=max_reconnect_attempts or 1,
             reconnect_time_wait=1,
+            # a connection whose peer went silent is given up after about 15 s, not
+            # nats-py's 6 minutes: an agent cut off the network is back soon after
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         ), timeout=connect_timeout * 3 + 1)
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
         with contextlib.suppress(Exception):
