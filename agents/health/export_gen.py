@@ -13,12 +13,13 @@ iPhone and an Apple Watch. Two uses:
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -383,18 +384,19 @@ def write_export(path: Path, *, target_bytes: int | None = None, days: int | Non
         raise ValueError("give days or target_bytes")
     span = days if days is not None else _estimate_days(target_bytes or 0, last_day, seed, tz)
     first = day = last_day - timedelta(days=span - 1)
-    renders = [*_SECTIONS, _workouts, _summary]
     counts: Counter[str] = Counter()
     steps: dict[date, dict[str, int]] = {}
     watch_days: set[date] = set()
     with tempfile.TemporaryDirectory(prefix="export-", dir=path.parent) as spool_dir:
-        spools = [_Spool(Path(spool_dir) / str(i), chunk_bytes) for i in range(len(renders))]
+        spools = [_Spool(Path(spool_dir) / str(i), chunk_bytes) for i in range(len(_RENDERS))]
         while (days is not None and day <= last_day) or (
                 target_bytes is not None and sum(s.approx_size for s in spools) < target_bytes):
             plan = _plan(day, seed, tz)
             watch_days |= {day} if plan.watch else set()
-            for spool, render in zip(spools, renders, strict=True):
-                spool.add(render(plan, tz, counts, steps))
+            for spool, render in zip(spools, _RENDERS, strict=True):
+                written = _Day(plan, tz, counts, steps)
+                render(written)
+                spool.add(written.out)
             day += timedelta(days=1)
         last = day - timedelta(days=1)
         export_date = f"{last.isoformat()} 21:30:00 {tz}"
@@ -414,7 +416,7 @@ def _estimate_days(target_bytes: int, last_day: date, seed: int, tz: str) -> int
     """Where to start so that the target is reached near ``last_day`` (days vary a lot:
     the generation itself decides where to stop)."""
     sample = [_plan(last_day - timedelta(days=i), seed, tz) for i in range(28)]
-    per_day = sum(len(s) for p in sample for s in _day_text(p, tz, Counter(), {})) / 28
+    per_day = sum(len(s) for p in sample for s in _day_text(p, tz)) / 28
     return max(1, round(target_bytes / per_day))
 
 
@@ -447,9 +449,36 @@ def _plan(day: date, seed: int, tz: str) -> DayPlan:
                    rng.uniform(35, 65), rng)
 
 
-def _stamp(plan: DayPlan, seconds: int, tz: str) -> str:
-    s = min(seconds, 86399)
-    return f"{plan.text} {s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d} {tz}"
+@dataclass
+class _Day:
+    """One day being written into one section: what the section needs and what it wrote.
+
+    ``add`` turns seconds after midnight into Apple's timestamps and counts each record,
+    so a section only says which records stand where."""
+
+    plan: DayPlan
+    tz: str
+    counts: Counter[str]
+    steps: dict[date, dict[str, int]]  # raw step sums per day and device
+    out: list[str] = field(default_factory=list)
+
+    def stamp(self, seconds: int) -> str:
+        s = min(seconds, 86399)
+        return f"{self.plan.text} {s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d} {self.tz}"
+
+    def rng(self) -> random.Random:
+        """The section's own generator, seeded from the day's (sections draw in order)."""
+        return _rng(self.plan.rng.random())
+
+    def add(self, kind: str, source: Source, start: int, end: int, value: str | float, *,
+            unit: str | None = None, created: int | None = None,
+            metadata: Iterable[tuple[str, str]] = (),
+            beats: Iterable[tuple[int, str]] = ()) -> None:
+        self.out.append(record(kind, source, unit=unit, start=self.stamp(start),
+                               end=self.stamp(end), value=value,
+                               created=None if created is None else self.stamp(created),
+                               metadata=metadata, beats=beats))
+        self.counts[kind] += 1
 
 
 def _chunks(rng: random.Random, start: int, seconds: int, low: int,
@@ -461,11 +490,18 @@ def _chunks(rng: random.Random, start: int, seconds: int, low: int,
         t += step
 
 
-def _steps(plan: DayPlan, tz: str, counts: Counter[str],
-           truth: dict[date, dict[str, int]]) -> list[str]:
-    out: list[str] = []
-    rng = _rng(plan.rng.random())
-    sums = truth.setdefault(plan.day, {"watch": 0, "phone": 0})
+def _watch_only(render: Callable[[_Day], None]) -> Callable[[_Day], None]:
+    """A section only the Apple Watch writes: nothing on the days it was not worn."""
+    @functools.wraps(render)
+    def on_watch_days(day: _Day) -> None:
+        if day.plan.watch:
+            render(day)
+    return on_watch_days
+
+
+def _steps(day: _Day) -> None:
+    plan, rng = day.plan, day.rng()
+    sums = day.steps.setdefault(plan.day, {"watch": 0, "phone": 0})
     for bout in plan.bouts:
         for source, cls, low, high, shift in ((WATCH, "watch", 40, 240, 0),
                                               (IPHONE, "phone", 200, 600, 7)):
@@ -474,40 +510,27 @@ def _steps(plan: DayPlan, tz: str, counts: Counter[str],
             for t, length in _chunks(rng, bout.start + shift, bout.seconds, low, high):
                 steps = max(1, round(bout.cadence * length / 60 * rng.uniform(0.9, 1.1)))
                 sums[cls] += steps
-                counts[STEPS] += 1
-                counts[DISTANCE] += 1
-                start, end = _stamp(plan, t, tz), _stamp(plan, t + length, tz)
-                out.append(record(STEPS, source, unit="count", start=start, end=end,
-                                  value=steps, created=_stamp(plan, t + length + 41, tz)))
-                out.append(record(DISTANCE, source, unit="mi", start=start, end=end,
-                                  value=f"{steps * 0.000442:.6f}"))
-    return out
+                day.add(STEPS, source, t, t + length, steps, unit="count",
+                        created=t + length + 41)
+                day.add(DISTANCE, source, t, t + length, f"{steps * 0.000442:.6f}", unit="mi")
 
 
-def _heart(plan: DayPlan, tz: str, counts: Counter[str],
-           _truth: dict[date, dict[str, int]]) -> list[str]:
-    if not plan.watch:
-        return []
-    rng = _rng(plan.rng.random())
-    out, t = [], plan.wake + 900
+@_watch_only
+def _heart(day: _Day) -> None:
+    plan = day.plan
+    rng, t = day.rng(), plan.wake + 900
     while t < plan.sleep - 900:
         moving = any(b.start <= t < b.start + b.seconds for b in plan.bouts)
         bpm = rng.randint(95, 130) if moving else rng.randint(58, 78)
-        stamp = _stamp(plan, t, tz)
-        out.append(record(HEART_RATE, WATCH, unit="count/min", start=stamp, end=stamp,
-                          value=bpm, metadata=[("HKMetadataKeyHeartRateMotionContext",
-                                                "2" if moving else "1")]))
-        counts[HEART_RATE] += 1
+        day.add(HEART_RATE, WATCH, t, t, bpm, unit="count/min",
+                metadata=[("HKMetadataKeyHeartRateMotionContext", "2" if moving else "1")])
         t += rng.randint(180, 420)
-    return out
 
 
-def _hrv(plan: DayPlan, tz: str, counts: Counter[str],
-         _truth: dict[date, dict[str, int]]) -> list[str]:
-    if not plan.watch:
-        return []
-    rng = _rng(plan.rng.random())
-    out = []
+@_watch_only
+def _hrv(day: _Day) -> None:
+    plan = day.plan
+    rng = day.rng()
     for _ in range(rng.randint(4, 7)):
         t = rng.randint(plan.wake + 1800, plan.sleep - 1800)
         beats = []
@@ -516,84 +539,65 @@ def _hrv(plan: DayPlan, tz: str, counts: Counter[str],
             hour = s // 3600 % 12 or 12
             beats.append((rng.randint(55, 80), f"{hour}:{s // 60 % 60:02d}:{s % 60:02d}."
                           f"{rng.randint(0, 99):02d} {'AM' if s < 43200 else 'PM'}"))
-        out.append(record(HRV, WATCH, unit="ms", start=_stamp(plan, t, tz),
-                          end=_stamp(plan, t + 60, tz),
-                          value=f"{plan.hrv_base * rng.uniform(0.8, 1.2):.4f}", beats=beats))
-        counts[HRV] += 1
-    return out
+        day.add(HRV, WATCH, t, t + 60, f"{plan.hrv_base * rng.uniform(0.8, 1.2):.4f}",
+                unit="ms", beats=beats)
 
 
-def _energy(plan: DayPlan, tz: str, counts: Counter[str],
-            _truth: dict[date, dict[str, int]]) -> list[str]:
-    if not plan.watch:
-        return []
-    rng = _rng(plan.rng.random())
-    out, t = [], plan.wake + 600
+@_watch_only
+def _energy(day: _Day) -> None:
+    plan = day.plan
+    rng, t = day.rng(), plan.wake + 600
     while t < plan.sleep - 600:
         length = rng.randint(50, 110)
-        out.append(record(ACTIVE_ENERGY, WATCH, unit="Cal", start=_stamp(plan, t, tz),
-                          end=_stamp(plan, t + length, tz), value=f"{rng.uniform(0.05, 1.4):.3f}"))
-        counts[ACTIVE_ENERGY] += 1
+        day.add(ACTIVE_ENERGY, WATCH, t, t + length, f"{rng.uniform(0.05, 1.4):.3f}",
+                unit="Cal")
         t += length + rng.randint(0, 40)
-    t = 0
-    while t < 86400 - 1200:
-        out.append(record(BASAL_ENERGY, WATCH, unit="Cal", start=_stamp(plan, t, tz),
-                          end=_stamp(plan, t + 1200, tz), value=f"{rng.uniform(18, 24):.3f}"))
-        counts[BASAL_ENERGY] += 1
-        t += 1200
-    return out
+    for t in range(0, 86400 - 1200, 1200):
+        day.add(BASAL_ENERGY, WATCH, t, t + 1200, f"{rng.uniform(18, 24):.3f}", unit="Cal")
 
 
-def _stand_and_exercise(plan: DayPlan, tz: str, counts: Counter[str],
-                        _truth: dict[date, dict[str, int]]) -> list[str]:
-    if not plan.watch:
-        return []
-    out = []
+@_watch_only
+def _stand_and_exercise(day: _Day) -> None:
+    plan = day.plan
     for hour in range(plan.wake // 3600 + 1, plan.sleep // 3600):
         stood = any(b.start // 3600 == hour for b in plan.bouts)
-        out.append(record(STAND_HOUR, WATCH, start=_stamp(plan, hour * 3600, tz),
-                          end=_stamp(plan, hour * 3600 + 3600, tz),
-                          value="HKCategoryValueAppleStandHourStood" if stood
-                          else "HKCategoryValueAppleStandHourIdle"))
-        counts[STAND_HOUR] += 1
+        day.add(STAND_HOUR, WATCH, hour * 3600, hour * 3600 + 3600,
+                "HKCategoryValueAppleStandHourStood" if stood
+                else "HKCategoryValueAppleStandHourIdle")
     for bout in plan.bouts:
         if bout.cadence >= 100:
             for minute in range(bout.seconds // 60):
                 t = bout.start + minute * 60
-                out.append(record(EXERCISE_TIME, WATCH, unit="min", start=_stamp(plan, t, tz),
-                                  end=_stamp(plan, t + 60, tz), value=1))
-                counts[EXERCISE_TIME] += 1
-    return out
+                day.add(EXERCISE_TIME, WATCH, t, t + 60, 1, unit="min")
 
 
-def _workouts(plan: DayPlan, tz: str, counts: Counter[str],
-              _truth: dict[date, dict[str, int]]) -> list[str]:
-    w = plan.workout
+def _workouts(day: _Day) -> None:
+    w = day.plan.workout
     if w is None:
-        return []
-    counts["Workout"] += 1
-    return [workout(WATCH, start=_stamp(plan, w.start, tz),
-                    end=_stamp(plan, w.start + w.seconds, tz), minutes=w.seconds / 60,
-                    steps=round(w.cadence * w.seconds / 60), energy=w.seconds / 60 * 4.2)]
+        return
+    day.counts["Workout"] += 1
+    day.out.append(workout(WATCH, start=day.stamp(w.start), end=day.stamp(w.start + w.seconds),
+                           minutes=w.seconds / 60, steps=round(w.cadence * w.seconds / 60),
+                           energy=w.seconds / 60 * 4.2))
 
 
-def _summary(plan: DayPlan, _tz: str, counts: Counter[str],
-             _truth: dict[date, dict[str, int]]) -> list[str]:
-    if not plan.watch:
-        return []
-    counts["ActivitySummary"] += 1
+@_watch_only
+def _summary(day: _Day) -> None:
+    plan = day.plan
+    day.counts["ActivitySummary"] += 1
     exercise = sum(b.seconds // 60 for b in plan.bouts if b.cadence >= 100)
     stood = len({b.start // 3600 for b in plan.bouts})
-    return [activity_summary(plan.text, exercise=exercise, stand_hours=stood)]
+    day.out.append(activity_summary(plan.text, exercise=exercise, stand_hours=stood))
 
 
-def _day_text(plan: DayPlan, tz: str, counts: Counter[str],
-              truth: dict[date, dict[str, int]]) -> list[str]:
+def _day_text(plan: DayPlan, tz: str) -> list[str]:
     """Every element of one day (used to estimate bytes per day)."""
-    parts: list[str] = []
-    for render in _SECTIONS:
-        parts += render(plan, tz, counts, truth)
-    return parts + _workouts(plan, tz, counts, truth) + _summary(plan, tz, counts, truth)
+    day = _Day(plan, tz, Counter(), {})
+    for render in _RENDERS:
+        render(day)
+    return day.out
 
 
-_SECTIONS = (_heart, _steps, _hrv, _energy, _stand_and_exercise)
+# The sections in the order they stand in the export, each with its own spool.
+_RENDERS: tuple[Callable[[_Day], None], ...] = (
+    _heart, _steps, _hrv, _energy, _stand_and_exercise, _workouts, _summary)
