@@ -20,6 +20,7 @@ from broker.server import NatsServer
 from mas.project import Project
 from orchestrator.dispatch import AgentCaller
 from security.tokens import TokenIssuer
+from tests.loopback import Webhook, serve_webhook
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,13 @@ def make_project(root: Path) -> Project:
     init_secrets(policy, proj.secrets)
     proj.config_path.write_text(compile_config(policy))
     return proj
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    """A loopback JSON webhook receiver (the stand-in for a contact's or the owner's hook)."""
+    with serve_webhook() as hook:
+        yield hook
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -28,3 +30,31 @@ def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@dataclass
+class Webhook:
+    """A plain JSON webhook receiver (what notify's webhook channel posts to): every POST's
+    path and JSON body, in the order they arrived."""
+
+    url: str
+    posts: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+
+
+@contextmanager
+def serve_webhook() -> Iterator[Webhook]:
+    """A :class:`Webhook` on a free loopback port that answers every POST with 200."""
+    posts: list[tuple[str, dict[str, object]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            posts.append((self.path, json.loads(self.rfile.read(length) or b"{}")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    with serve_http(Handler) as url:
+        yield Webhook(url, posts)

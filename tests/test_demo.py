@@ -9,39 +9,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import ClassVar
-
-import pytest
 
 from tests.conftest import REPO
-from tests.loopback import serve_http
+from tests.loopback import Webhook
 from tests.test_cli import MAS, assign_free_ports, env, mas, read_until
 
 
-class Receiver(BaseHTTPRequestHandler):
-    bodies: ClassVar[list[dict[str, object]]] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", "0"))
-        Receiver.bodies.append(json.loads(self.rfile.read(length) or b"{}"))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return
-
-
-@pytest.fixture
-def webhook() -> Iterator[str]:
-    Receiver.bodies = []
-    with serve_http(Receiver) as url:
-        yield url
-
-
-def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook: str) -> None:
+def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook: Webhook) -> None:
     root = tmp_path / "demo"
     root.mkdir()
     shutil.copy(REPO / "policy.yaml", root / "policy.yaml")
@@ -49,8 +24,8 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
     assert mas(root, "init").returncode == 0
     assign_free_ports(root)
     extra = {"MAS_NOTIFY_CONTACTS": json.dumps({"bob": {"kind": "webhook",
-                                                        "url": f"{webhook}/bob"}}),
-             "MAS_NOTIFY_WEBHOOK_URL": f"{webhook}/owner", "MAS_PLANNER": "offline"}
+                                                        "url": f"{webhook.url}/bob"}}),
+             "MAS_NOTIFY_WEBHOOK_URL": f"{webhook.url}/owner", "MAS_PLANNER": "offline"}
     up = subprocess.Popen([*MAS, "up"], cwd=root, env={**env(), **extra},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
@@ -68,7 +43,7 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
         assert started.returncode == 0, started.stderr
         [wf] = json.loads(started.stdout)["workflows"]
         assert wf["status"] == "waiting_approval", wf
-        assert Receiver.bodies == []
+        assert webhook.posts == []
 
         pending = json.loads(mas(root, "approvals", "list", "--json").stdout)
         [approval] = pending
@@ -84,8 +59,8 @@ def test_mas_run_completes_a_workflow_with_one_approval(tmp_path: Path, webhook:
                 break
             time.sleep(0.2)
         assert shown["workflows"][0]["status"] == "completed", shown
-        assert len(Receiver.bodies) == 1
-        assert "Running about 15 minutes late" in json.dumps(Receiver.bodies[0])
+        assert len(webhook.posts) == 1
+        assert "Running about 15 minutes late" in json.dumps(webhook.posts[0][1])
         again = mas(root, "approvals", "approve", approval["id"])
         assert again.returncode == 1
         assert "not_pending" in again.stderr
