@@ -1,9 +1,9 @@
 """The OpenAI planner: chat completions with function calling, through the official
 ``openai`` SDK.
 
-Same contract as the Anthropic planner (see ``calls`` for how calls become steps). One
-difference in what can go wrong: OpenAI returns each call's arguments as a JSON
-*string*, which a model can get wrong; a call whose arguments are not a JSON object
+Same contract as the Anthropic planner (see ``llm``, and ``calls`` for how calls become
+steps). One difference in what can go wrong: OpenAI returns each call's arguments as a
+JSON *string*, which a model can get wrong; a call whose arguments are not a JSON object
 rejects the whole plan rather than running with guessed arguments.
 """
 
@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 
 import openai
-from openai.types.chat import ChatCompletionFunctionToolParam
+from openai.types.chat import ChatCompletion, ChatCompletionFunctionToolParam
 
 from orchestrator.plan import Catalog, Plan, PlannerUnavailable, PlanRejected
-from orchestrator.planners.calls import (
-    ToolCall,
-    api_failure,
-    one_line,
-    plan_from_calls,
-    shown_name,
-)
-from orchestrator.planners.prompting import SYSTEM_PROMPT, tool_specs, user_message
+from orchestrator.planners.calls import ToolCall, one_line, plan_from_calls, shown_name
+from orchestrator.planners.llm import LLMPlanner, SdkErrors
+from orchestrator.planners.prompting import SYSTEM_PROMPT, ToolSpec
 
 PROVIDER = "OpenAI"
 KEY_ENV = "OPENAI_API_KEY"
@@ -54,43 +48,32 @@ def decode_arguments(index: int, name: str, raw: str) -> object:
                        f"valid JSON ({why})")
 
 
-class OpenAIPlanner:
+class OpenAIPlanner(LLMPlanner[openai.AsyncOpenAI, ChatCompletionFunctionToolParam,
+                                ChatCompletion]):
     name = "openai"
-    follows_up = True
+    provider = PROVIDER
+    key_env = KEY_ENV
+    errors = SdkErrors(openai.APIStatusError, openai.APITimeoutError,
+                       openai.APIConnectionError, openai.OpenAIError)
 
-    def __init__(self, client: openai.AsyncOpenAI, model: str, *,
-                 max_tokens: int = 2048) -> None:
-        self.client = client
-        self.model = model
-        self.max_tokens = max_tokens
+    def _tool(self, spec: ToolSpec) -> ChatCompletionFunctionToolParam:
+        return ChatCompletionFunctionToolParam(type="function", function={
+            "name": spec.name, "description": spec.description,
+            "parameters": dict(spec.schema)})
 
-    async def plan(self, request: str, catalog: Catalog, *,
-                   untrusted: Sequence[str] = ()) -> Plan:
-        tools = [ChatCompletionFunctionToolParam(type="function", function={
-            "name": t.name, "description": t.description, "parameters": dict(t.schema)})
-            for t in tool_specs(catalog)]
-        if not tools:
-            raise PlanRejected("no agent has registered an action yet; nothing to plan with")
-        try:
-            completion = await self.client.chat.completions.create(
-                model=self.model, max_completion_tokens=self.max_tokens,
-                messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                          {"role": "user", "content": user_message(request, untrusted)}],
-                tools=tools, tool_choice="auto",
-            )
-        except openai.APIStatusError as exc:
-            raise api_failure(PROVIDER, KEY_ENV, exc.status_code, exc.body) from None
-        except openai.APITimeoutError:
-            raise PlannerUnavailable(f"{PROVIDER} did not answer in time") from None
-        except openai.APIConnectionError:
-            raise PlannerUnavailable(
-                f"cannot reach {PROVIDER} at {self.client.base_url}") from None
-        except openai.OpenAIError as exc:
-            raise PlannerUnavailable(f"{PROVIDER} gave an unusable answer: "
-                                     f"{one_line(str(exc), redact=True)}") from None
-        if not completion.choices:
+    async def _ask(self, tools: list[ChatCompletionFunctionToolParam],
+                   message: str) -> ChatCompletion:
+        return await self.client.chat.completions.create(
+            model=self.model, max_completion_tokens=self.max_tokens,
+            messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                      {"role": "user", "content": message}],
+            tools=tools, tool_choice="auto",
+        )
+
+    def _read(self, answer: ChatCompletion, catalog: Catalog) -> Plan:
+        if not answer.choices:
             raise PlannerUnavailable(f"{PROVIDER} answered without a choice")
-        choice = completion.choices[0]
+        choice = answer.choices[0]
         message = choice.message
         if message.refusal:
             raise PlanRejected(f"{self.name}: the model refused: {one_line(message.refusal)}")
