@@ -35,8 +35,8 @@ __all__ = ["OfflinePlanner", "PlannerConfigError", "PlannerSettings", "PlannerUn
 
 DEFAULT_ANTHROPIC_MODEL = "claude-sonnet-4-5"
 DEFAULT_OPENAI_MODEL = "gpt-4.1"
-LLM_TIMEOUT_S = 60.0
-LLM_RETRIES = 2
+# The variable that holds each provider's key, named when it is missing.
+_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
 
 class PlannerConfigError(ValueError):
@@ -103,29 +103,17 @@ def make_planner(settings: PlannerSettings, project_root: Path) -> Planner:
     """The planner the settings ask for; ``PlannerConfigError`` or ``WorkflowError`` if it
     cannot be built."""
     kind = settings.chosen()
+    if kind == "offline":
+        return make_library(settings, project_root)
+    key = settings.anthropic_key if kind == "anthropic" else settings.openai_key
+    if key is None:
+        raise PlannerConfigError(f"MAS_PLANNER={kind} needs {_KEY_ENV[kind]}")
     if kind == "anthropic":
-        key = settings.anthropic_key
-        if key is None:
-            raise PlannerConfigError("MAS_PLANNER=anthropic needs ANTHROPIC_API_KEY")
-        import anthropic
-
         from orchestrator.planners.anthropic_planner import AnthropicPlanner
-        return AnthropicPlanner(
-            anthropic.AsyncAnthropic(api_key=key, base_url=settings.anthropic_base_url,
-                                     timeout=LLM_TIMEOUT_S, max_retries=LLM_RETRIES),
-            settings.anthropic_model)
-    if kind == "openai":
-        key = settings.openai_key
-        if key is None:
-            raise PlannerConfigError("MAS_PLANNER=openai needs OPENAI_API_KEY")
-        import openai
-
-        from orchestrator.planners.openai_planner import OpenAIPlanner
-        return OpenAIPlanner(
-            openai.AsyncOpenAI(api_key=key, base_url=settings.openai_base_url,
-                               timeout=LLM_TIMEOUT_S, max_retries=LLM_RETRIES),
-            settings.openai_model)
-    return make_library(settings, project_root)
+        return AnthropicPlanner.connect(key, settings.anthropic_base_url,
+                                        settings.anthropic_model)
+    from orchestrator.planners.openai_planner import OpenAIPlanner
+    return OpenAIPlanner.connect(key, settings.openai_base_url, settings.openai_model)
 
 
 def make_library(settings: PlannerSettings, project_root: Path) -> OfflinePlanner:

@@ -12,21 +12,18 @@ from anthropic.types import Message, ToolParam
 
 from orchestrator.plan import Catalog, Plan, PlanRejected
 from orchestrator.planners.calls import ToolCall, plan_from_calls
-from orchestrator.planners.llm import LLMPlanner, SdkErrors
+from orchestrator.planners.llm import LLM_RETRIES, LLM_TIMEOUT_S, LLMPlanner, Provider
 from orchestrator.planners.prompting import SYSTEM_PROMPT, ToolSpec
 
-PROVIDER = "Anthropic"
-KEY_ENV = "ANTHROPIC_API_KEY"
 # "end_turn" is a text-only answer (no tool call): plan_from_calls rejects it with the text.
 _FINISHED = {"tool_use", "end_turn", "stop_sequence"}
 
 
 class AnthropicPlanner(LLMPlanner[anthropic.AsyncAnthropic, ToolParam, Message]):
     name = "anthropic"
-    provider = PROVIDER
-    key_env = KEY_ENV
-    errors = SdkErrors(anthropic.APIStatusError, anthropic.APITimeoutError,
-                       anthropic.APIConnectionError, anthropic.APIError)
+    provider = Provider("Anthropic", "ANTHROPIC_API_KEY", anthropic.APIStatusError,
+                        anthropic.APITimeoutError, anthropic.APIConnectionError,
+                        anthropic.APIError)
 
     def _tool(self, spec: ToolSpec) -> ToolParam:
         return ToolParam(name=spec.name, description=spec.description,
@@ -47,3 +44,8 @@ class AnthropicPlanner(LLMPlanner[anthropic.AsyncAnthropic, ToolParam, Message])
                  for block in answer.content if block.type == "tool_use"]
         text = " ".join(block.text for block in answer.content if block.type == "text")
         return plan_from_calls(calls, catalog, planner=self.name, text=text)
+
+    @classmethod
+    def _client(cls, key: str, base_url: str | None) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(api_key=key, base_url=base_url, timeout=LLM_TIMEOUT_S,
+                                        max_retries=LLM_RETRIES)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Protocol, Self, TypeVar
 
 from orchestrator.plan import Catalog, Plan, PlannerUnavailable, PlanRejected
 from orchestrator.planners.calls import api_failure, one_line
@@ -31,15 +31,22 @@ class _Client(Protocol):
     def base_url(self) -> object: ...
 
 
+LLM_TIMEOUT_S = 60.0
+LLM_RETRIES = 2
+
 ClientT = TypeVar("ClientT", bound=_Client)
 ToolT = TypeVar("ToolT")
 AnswerT = TypeVar("AnswerT")
 
 
 @dataclass(frozen=True)
-class SdkErrors:
-    """An SDK's exception classes, from the most specific to its base class."""
+class Provider:
+    """Whom a planner asks: the name its error lines give, the variable that holds the
+    key (named when the key is refused), and its SDK's exception classes from the most
+    specific to the SDK's base class."""
 
+    name: str
+    key_env: str
     status: type[anthropic.APIStatusError] | type[openai.APIStatusError]
     timeout: type[Exception]
     connection: type[Exception]
@@ -48,39 +55,49 @@ class SdkErrors:
 
 class LLMPlanner(ABC, Generic[ClientT, ToolT, AnswerT]):
     """A planner that asks an LLM through its provider's SDK. The client is passed in,
-    so its key, base URL, retries and timeout are the caller's (``make_planner`` builds
-    it from settings; tests point it at a loopback fake)."""
+    so its key, base URL, retries and timeout are the caller's (``connect`` builds one
+    from settings; tests point one at a loopback fake)."""
 
     name: str
     follows_up = True
-    provider: ClassVar[str]  # as the error lines name it
-    key_env: ClassVar[str]  # the variable that holds the key, named when it is refused
-    errors: ClassVar[SdkErrors]
+    provider: ClassVar[Provider]
 
     def __init__(self, client: ClientT, model: str, *, max_tokens: int = 2048) -> None:
         self.client = client
         self.model = model
         self.max_tokens = max_tokens
 
+    @classmethod
+    def connect(cls, key: str, base_url: str | None, model: str) -> Self:
+        """A planner with its own SDK client (``LLM_TIMEOUT_S``, ``LLM_RETRIES``);
+        without ``base_url`` the client talks to the provider's real API."""
+        return cls(cls._client(key, base_url), model)
+
     async def plan(self, request: str, catalog: Catalog, *,
                    untrusted: Sequence[str] = ()) -> Plan:
         tools = [self._tool(spec) for spec in tool_specs(catalog)]
         if not tools:
             raise PlanRejected("no agent has registered an action yet; nothing to plan with")
-        errors, provider = self.errors, self.provider
+        provider = self.provider
         try:
             answer = await self._ask(tools, user_message(request, untrusted))
-        except errors.status as exc:
-            raise api_failure(provider, self.key_env, exc.status_code, exc.body) from None
-        except errors.timeout:
-            raise PlannerUnavailable(f"{provider} did not answer in time") from None
-        except errors.connection:
+        except provider.status as exc:
+            raise api_failure(provider.name, provider.key_env, exc.status_code,
+                              exc.body) from None
+        except provider.timeout:
+            raise PlannerUnavailable(f"{provider.name} did not answer in time") from None
+        except provider.connection:
             raise PlannerUnavailable(
-                f"cannot reach {provider} at {self.client.base_url}") from None
-        except errors.other as exc:
-            raise PlannerUnavailable(f"{provider} gave an unusable answer: "
+                f"cannot reach {provider.name} at {self.client.base_url}") from None
+        except provider.other as exc:
+            raise PlannerUnavailable(f"{provider.name} gave an unusable answer: "
                                      f"{one_line(str(exc), redact=True)}") from None
         return self._read(answer, catalog)
+
+    @classmethod
+    @abstractmethod
+    def _client(cls, key: str, base_url: str | None) -> ClientT:
+        """The provider's SDK client with ``LLM_TIMEOUT_S`` and ``LLM_RETRIES``."""
 
     @abstractmethod
     def _tool(self, spec: ToolSpec) -> ToolT:

@@ -17,11 +17,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionFunctionToolParam
 
 from orchestrator.plan import Catalog, Plan, PlannerUnavailable, PlanRejected
 from orchestrator.planners.calls import ToolCall, one_line, plan_from_calls, shown_name
-from orchestrator.planners.llm import LLMPlanner, SdkErrors
+from orchestrator.planners.llm import LLM_RETRIES, LLM_TIMEOUT_S, LLMPlanner, Provider
 from orchestrator.planners.prompting import SYSTEM_PROMPT, ToolSpec
 
-PROVIDER = "OpenAI"
-KEY_ENV = "OPENAI_API_KEY"
 _FINISHED = {"tool_calls", "stop"}
 
 
@@ -51,10 +49,8 @@ def decode_arguments(index: int, name: str, raw: str) -> object:
 class OpenAIPlanner(LLMPlanner[openai.AsyncOpenAI, ChatCompletionFunctionToolParam,
                                 ChatCompletion]):
     name = "openai"
-    provider = PROVIDER
-    key_env = KEY_ENV
-    errors = SdkErrors(openai.APIStatusError, openai.APITimeoutError,
-                       openai.APIConnectionError, openai.OpenAIError)
+    provider = Provider("OpenAI", "OPENAI_API_KEY", openai.APIStatusError,
+                        openai.APITimeoutError, openai.APIConnectionError, openai.OpenAIError)
 
     def _tool(self, spec: ToolSpec) -> ChatCompletionFunctionToolParam:
         return ChatCompletionFunctionToolParam(type="function", function={
@@ -72,7 +68,7 @@ class OpenAIPlanner(LLMPlanner[openai.AsyncOpenAI, ChatCompletionFunctionToolPar
 
     def _read(self, answer: ChatCompletion, catalog: Catalog) -> Plan:
         if not answer.choices:
-            raise PlannerUnavailable(f"{PROVIDER} answered without a choice")
+            raise PlannerUnavailable(f"{self.provider.name} answered without a choice")
         choice = answer.choices[0]
         message = choice.message
         if message.refusal:
@@ -88,3 +84,8 @@ class OpenAIPlanner(LLMPlanner[openai.AsyncOpenAI, ChatCompletionFunctionToolPar
             name = call.function.name
             calls.append(ToolCall(name, decode_arguments(index, name, call.function.arguments)))
         return plan_from_calls(calls, catalog, planner=self.name, text=message.content or "")
+
+    @classmethod
+    def _client(cls, key: str, base_url: str | None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(api_key=key, base_url=base_url, timeout=LLM_TIMEOUT_S,
+                                  max_retries=LLM_RETRIES)
