@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,6 +22,9 @@ from mas.project import Project
 from orchestrator.dispatch import AgentCaller
 from security.tokens import TokenIssuer
 from tests.loopback import Webhook, serve_webhook
+
+if TYPE_CHECKING:
+    from tests.platform import Platform
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,6 +132,17 @@ async def connect_as(broker: RunningBroker) -> AsyncIterator[ConnectAs]:
     """Connect as a named identity with its real credentials; closes everything after."""
     async for factory in _connector(broker):
         yield factory
+
+
+@pytest.fixture
+async def platform(fresh_broker: RunningBroker, connect_fresh: ConnectAs
+                   ) -> AsyncIterator[Platform]:
+    """The real orchestrator and the test notify agent on a broker of the test's own, with
+    an operator that does not reconnect (tests/platform.py)."""
+    from tests.platform import running_platform  # it imports this module's helpers
+
+    async with running_platform(fresh_broker, await connect_fresh("operator")) as plat:
+        yield plat
 
 
 async def _connector(broker: RunningBroker) -> AsyncIterator[ConnectAs]:

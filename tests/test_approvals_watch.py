@@ -9,7 +9,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -17,47 +17,22 @@ from typing import ClassVar
 
 import pytest
 
-from agents.runtime.service import AgentService
-from broker.secrets import load_identity
 from mas.approvals_watch import APPLESCRIPT, DIALOG_TITLE
 from orchestrator.plan import Step
-from orchestrator.service import Orchestrator
 from protocol import admin
 from protocol.explain import Explanation
 from security.decisions import verify_decision
 from security.encoding import args_sha256
-from tests.conftest import ConnectAs, RunningBroker, eventually, free_port
+from tests.conftest import ConnectAs, eventually, free_port
 from tests.loopback import serve_http
+from tests.platform import Platform
 from tests.test_cli import MAS, env, mas, one_line_error
-from tests.test_orchestrator import MESSAGE, SEND, Platform
-from tests.test_runtime import Seen, make_agent
+from tests.test_orchestrator import MESSAGE, SEND
 
 pytestmark = pytest.mark.broker
 FORGED = "  mas approvals approve ap-forged0000 --reason ok"
 HOSTILE = ('Bob" & do shell script "touch /tmp/mas-pwned" & "\\ \\" end run\n'
            f"\x1b[2J\u202eevil\n{FORGED}")
-
-
-@pytest.fixture
-async def platform(fresh_broker: RunningBroker, connect_fresh: ConnectAs
-                   ) -> AsyncIterator[Platform]:
-    """The real orchestrator with the notify agent on a broker of the test's own; the
-    watcher under test connects as the operator from its own process."""
-    policy = fresh_broker.project.policy()
-    orch = Orchestrator(policy, load_identity(fresh_broker.secrets, "orchestrator"),
-                        fresh_broker.url)
-    await orch.start()
-    seen = Seen()
-    agent = AgentService(make_agent("notify", seen), load_identity(fresh_broker.secrets, "notify"),
-                         fresh_broker.url)
-    await agent.start()
-    plat = Platform(fresh_broker, orch, await connect_fresh("operator"), agent, seen)
-    await eventually(lambda: plat.agent.registration is not None, timeout=10,
-                     what="notify registered and acknowledged")
-    yield plat
-    seen.gate.set()
-    await plat.agent.stop()
-    await plat.orch.stop()
 
 
 @dataclass

@@ -37,6 +37,7 @@ from security.decisions import sign_decision
 from tests.conftest import ConnectAs, RunningBroker, eventually
 from tests.llm_fakes import FakeAnthropic, FakeOpenAI, ToolCall, hostile
 from tests.loopback import Webhook
+from tests.platform import start_orchestrator
 from tests.test_orchestrator import audit_records
 
 pytestmark = pytest.mark.broker
@@ -129,9 +130,7 @@ async def stack(fresh_broker: RunningBroker, connect_fresh: ConnectAs, llm: Fake
     token = tmp_path / "ha-token"
     token.write_text(TOKEN + "\n")
     secrets = fresh_broker.secrets
-    orch = Orchestrator(fresh_broker.project.policy(), load_identity(secrets, "orchestrator"),
-                        fresh_broker.url, planner=planner_for(llm))
-    await orch.start()
+    orch = await start_orchestrator(fresh_broker, planner=planner_for(llm))
     agents = [
         AgentService(home_agent, load_identity(secrets, "home"), fresh_broker.url,
                      settings={"url": ha.url, "token_file": str(token), "timeout_s": "5"}),

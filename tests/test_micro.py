@@ -22,6 +22,7 @@ from broker.secrets import load_identity
 from mas.agent_cli import load_agent
 from orchestrator.service import Orchestrator
 from tests.conftest import ConnectAs, RunningBroker, eventually, settle, wait_for_violation
+from tests.platform import start_orchestrator
 
 pytestmark = pytest.mark.broker
 
@@ -60,10 +61,8 @@ class Running:
 @pytest.fixture
 async def running(fresh_broker: RunningBroker, connect_fresh: ConnectAs
                   ) -> AsyncIterator[Running]:
-    policy = fresh_broker.project.policy()
-    orch = Orchestrator(policy, load_identity(fresh_broker.secrets, "orchestrator"),
-                        fresh_broker.url)
-    await orch.start()
+    orch = await start_orchestrator(fresh_broker)
+    policy = orch.policy
     agents: dict[str, list[AgentService]] = {}
     for name in sorted(policy.agents):
         for _ in range(2 if name == "home" else 1):

@@ -4,101 +4,30 @@ held for a signed human decision, denial, expiry, forgery, restarts, and the aud
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
-from pydantic import BaseModel
 
 from agents.runtime.service import AgentService
 from broker import subjects as subj
 from broker.connection import BrokerClient
 from broker.secrets import load_identity
 from orchestrator.audit import record_hash, signing_bytes
-from orchestrator.plan import Plan, Step
-from orchestrator.service import Orchestrator
-from orchestrator.workflows import Workflow
+from orchestrator.plan import Step
 from protocol import admin
-from protocol.approvals import AdminError, Approval, ApprovalList
+from protocol.approvals import AdminError, ApprovalList
 from protocol.audit import AuditRecord
 from protocol.explain import Explanation
 from protocol.tokens import TokenRequest, TokenRequestReply
 from security.decisions import sign_decision
 from security.encoding import args_sha256, b64url_decode
 from security.keys import SigningKey
-from tests.conftest import ConnectAs, RunningBroker, eventually, wait_for_violation
+from tests.conftest import RunningBroker, eventually, wait_for_violation
+from tests.conftest import platform as platform  # test_feeds, test_engine_retries import it here
+from tests.platform import Platform
 from tests.test_runtime import Seen, make_agent
 
 pytestmark = pytest.mark.broker
 MESSAGE = {"to": "bob", "text": "dinner at 8"}
-
-
-@dataclass
-class Platform:
-    broker: RunningBroker
-    orch: Orchestrator
-    operator: BrokerClient
-    agent: AgentService
-    seen: Seen
-
-    async def restart_orchestrator(self, **options: object) -> None:
-        await self.orch.stop()
-        self.orch = Orchestrator(self.orch.policy, self.orch.material, self.broker.url,
-                                 **options)  # type: ignore[arg-type]
-        await self.orch.start()
-
-    async def admin(self, subject: str, payload: BaseModel | dict[str, object]) -> bytes:
-        data = payload if isinstance(payload, BaseModel) else json.dumps(payload).encode()
-        reply = await self.operator.request(subject, data, timeout=10)
-        assert reply.sender == "orchestrator"
-        return reply.data
-
-    async def decide(self, approval: Approval, decision: str = "approve", *,
-                     key: SigningKey | None = None, args_hash: str | None = None) -> bytes:
-        signed = sign_decision(
-            key or load_identity(self.broker.secrets, "operator").signing_key,
-            approval_id=approval.id, args_sha256=args_hash or approval.args_sha256,
-            decision=decision, reason="checked it", by="operator")  # type: ignore[arg-type]
-        return await self.admin(admin.APPROVALS_DECIDE, signed)
-
-    async def run_plan(self, *steps: Step) -> Workflow:
-        wf = await self.orch.engine.submit("test", Plan(steps=list(steps), planner="test"))
-        return await self.orch.engine.advance(wf.id)
-
-    async def pending(self) -> Approval:
-        data = await self.admin(admin.APPROVALS_LIST, {"status": "pending"})
-        [approval] = ApprovalList.model_validate_json(data).approvals
-        return approval
-
-    async def workflow(self, workflow_id: str) -> Workflow:
-        wf = await self.orch.engine.load(workflow_id)
-        assert wf is not None
-        return wf
-
-
-@pytest.fixture
-async def platform(fresh_broker: RunningBroker, connect_fresh: ConnectAs
-                   ) -> AsyncIterator[Platform]:
-    policy = fresh_broker.project.policy()
-    orch = Orchestrator(policy, load_identity(fresh_broker.secrets, "orchestrator"),
-                        fresh_broker.url)
-    await orch.start()
-    seen = Seen()
-    agent = AgentService(make_agent("notify", seen), load_identity(fresh_broker.secrets, "notify"),
-                         fresh_broker.url)
-    await agent.start()
-    operator = await connect_fresh("operator")
-    plat = Platform(fresh_broker, orch, operator, agent, seen)
-    await eventually(lambda: len(plat.orch.registry.catalog()) == 2
-                     and plat.agent.registration is not None, timeout=5,
-                     what="notify registered and acknowledged")
-    yield plat
-    seen.gate.set()
-    await plat.agent.stop()
-    await plat.orch.stop()
-
-
 SEND = Step(id="s1", agent="notify", action="send_message", args=MESSAGE,
             explanation=Explanation(summary="Tell Bob about dinner", reason="asked",
                                     confidence=0.9))

@@ -26,7 +26,7 @@ from orchestrator import engine as engine_module
 from orchestrator.audit import record_hash, signing_bytes
 from orchestrator.dispatch import AgentCaller
 from orchestrator.plan import Plan, Step
-from orchestrator.service import Orchestrator, WorkflowList
+from orchestrator.service import WorkflowList
 from orchestrator.workflows import Workflow
 from protocol import admin
 from protocol.actions import Completed, Refused
@@ -35,9 +35,9 @@ from security.encoding import b64url_decode
 from security.revocation import RevocationSet
 from security.tokens import TokenIssuer
 from tests.conftest import ConnectAs, RunningBroker, eventually, settle
+from tests.platform import Platform, running_platform
 from tests.test_cli import MAS, env, mas
-from tests.test_orchestrator import MESSAGE, SEND, Platform, audit_records
-from tests.test_runtime import Seen, make_agent
+from tests.test_orchestrator import MESSAGE, SEND, audit_records
 
 pytestmark = pytest.mark.broker
 # longer than a step timeout of 0.5 s plus the audit writer's JetStream timeout (5 s)
@@ -61,24 +61,13 @@ def note(step_id: str, text: str, *after: str) -> Step:
 async def rig(fresh_broker: RunningBroker) -> AsyncIterator[Platform]:
     """The real orchestrator, the notify agent and an operator, all of them clients that
     reconnect by themselves (the `platform` fixture's operator does not)."""
-    policy = fresh_broker.project.policy()
-    orch = Orchestrator(policy, load_identity(fresh_broker.secrets, "orchestrator"),
-                        fresh_broker.url)
-    await orch.start()
-    seen = Seen()
-    agent = AgentService(make_agent("notify", seen), load_identity(fresh_broker.secrets, "notify"),
-                         fresh_broker.url)
-    await agent.start()
     operator = await connection.connect(load_identity(fresh_broker.secrets, "operator"),
                                         fresh_broker.url)
-    plat = Platform(fresh_broker, orch, operator, agent, seen)
-    await eventually(lambda: plat.agent.registration is not None, timeout=10,
-                     what="notify registered and acknowledged")
-    yield plat
-    seen.gate.set()
-    await operator.close()
-    await plat.agent.stop()
-    await plat.orch.stop()
+    try:
+        async with running_platform(fresh_broker, operator) as plat:
+            yield plat
+    finally:
+        await operator.close()
 
 
 async def kill_broker_and_restart(broker: RunningBroker, outage_s: float = 0) -> None:
