@@ -8,6 +8,9 @@ errors are ``{"code", "http", "error", "link"}``. Webhook: ``POST <url>`` with
 
 The ntfy topic is a password on a shared server and the URLs may hold secrets, so
 neither is logged or put in a result; errors name the channel, not the address.
+
+httpx2 is imported by the calls that send, not at module load: an idle agent has sent
+nothing, and the HTTP stack is about 1.3 MiB of its private memory.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import httpx2
+from typing import TYPE_CHECKING, Any, Literal
 
 from agents.notify.models import PRIORITY_LEVEL, Delivery, Note
+
+if TYPE_CHECKING:
+    import httpx2
 
 MAX_TOKEN_BYTES = 4096
 SOURCE = "mas.notify"
@@ -69,10 +73,14 @@ def request_for(channel: Channel, note: Note, recipient: str) -> tuple[str, dict
 def _tls() -> ssl.SSLContext:
     """One TLS context for every delivery: building one loads the CA bundle, about 20 ms
     of CPU, which a new client per message paid each time."""
+    import httpx2
+
     return httpx2.create_ssl_context()
 
 
 async def deliver(channel: Channel, note: Note, recipient: str, timeout_s: float) -> Delivery:
+    import httpx2
+
     try:
         token = read_token(channel.token_file)
     except TokenFileError as exc:
