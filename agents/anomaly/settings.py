@@ -7,6 +7,7 @@ recorded stream replays to the same alerts whatever the wall clock says.
 from __future__ import annotations
 
 from datetime import time
+from typing import Annotated
 from zoneinfo import ZoneInfo
 
 from pydantic import Field
@@ -16,41 +17,48 @@ from agents.runtime.settings import TimeZoneName
 
 PLATFORM_IDENTITIES = frozenset({"orchestrator", "control", "operator"})
 
+# What each threshold is, with the bounds that make it meaningful.
+Seconds = Annotated[float, Field(gt=0)]  # a window or a cooldown
+Count = Annotated[int, Field(ge=1)]
+Factor = Annotated[float, Field(ge=1)]  # times the baseline
+Share = Annotated[float, Field(ge=0, le=1)]  # of all results, 0 to 1
+NotNegative = Annotated[float, Field(ge=0)]
+
 
 class AnomalySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAS_ANOMALY_", extra="ignore", frozen=True)
 
     # refusals, denied token requests, broker violations and failed logins per identity
-    burst_window_s: float = Field(default=60.0, gt=0)
+    burst_window_s: Seconds = 60.0
     burst_threshold: int = Field(default=5, ge=2)
 
     # token requests inside [quiet_start, quiet_end) local time (may wrap midnight)
     timezone: TimeZoneName = "UTC"
     quiet_start: time = time(0, 0)
     quiet_end: time = time(6, 0)
-    quiet_cooldown_s: float = Field(default=3600.0, gt=0)
+    quiet_cooldown_s: Seconds = 3600.0
 
     # comma-separated; when set, anything else is unknown (the policy's identities);
     # when empty, identities seen during the first `learning_s` of records are the baseline
     known_identities: str = ""
-    learning_s: float = Field(default=3600.0, ge=0)
-    identity_cooldown_s: float = Field(default=3600.0, gt=0)
+    learning_s: NotNegative = 3600.0
+    identity_cooldown_s: Seconds = 3600.0
 
     # share of `error` outcomes among command results, window vs. baseline
-    error_window_s: float = Field(default=600.0, gt=0)
-    error_min_samples: int = Field(default=10, ge=1)
-    error_min_errors: int = Field(default=5, ge=1)
-    error_factor: float = Field(default=3.0, ge=1)
-    error_min_increase: float = Field(default=0.15, ge=0, le=1)
-    error_prior_rate: float = Field(default=0.02, ge=0, le=1)
-    error_prior_weight: float = Field(default=50.0, ge=0)
+    error_window_s: Seconds = 600.0
+    error_min_samples: Count = 10
+    error_min_errors: Count = 5
+    error_factor: Factor = 3.0
+    error_min_increase: Share = 0.15
+    error_prior_rate: Share = 0.02
+    error_prior_weight: NotNegative = 50.0
 
     # distinct sensitive-action requests (token_request / approval_requested) per window
-    sensitive_window_s: float = Field(default=3600.0, gt=0)
-    sensitive_min_count: int = Field(default=6, ge=1)
-    sensitive_factor: float = Field(default=3.0, ge=1)
-    sensitive_prior_per_hour: float = Field(default=0.5, ge=0)
-    sensitive_prior_hours: float = Field(default=6.0, ge=0)
+    sensitive_window_s: Seconds = 3600.0
+    sensitive_min_count: Count = 6
+    sensitive_factor: Factor = 3.0
+    sensitive_prior_per_hour: NotNegative = 0.5
+    sensitive_prior_hours: NotNegative = 6.0
 
     recent_max: int = Field(default=200, ge=1, le=10_000)
 
