@@ -30,9 +30,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from broker.server import NatsServer
 from mas.cli import app
-from tests.conftest import REPO, free_port, make_project
+from tests.conftest import REPO, free_port, make_project, start_broker
 from tests.test_cli import MAS, env
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -373,12 +372,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[
     """A real broker and `mas orchestrator run` (offline planner) for the CLI to talk to."""
     root = tmp_path_factory.mktemp("live")
     project = make_project(root / "project")
-    server = NatsServer(config=project.config_path, cwd=project.root,
-                        log_file=root / "nats-server.log", port=free_port(),
-                        http_port=free_port())
-    server.check_config()
-    server.start()
-    server.wait_ready(project.policy().broker.monitor)
+    server = start_broker(project, root)
     extra = {"MAS_BROKER_URL": f"tls://127.0.0.1:{server.port}", "MAS_PLANNER": "offline",
              "MAS_WORKFLOWS_DIR": str(REPO / "workflows")}
     orch = subprocess.Popen([*MAS, "orchestrator", "run"], cwd=project.root,

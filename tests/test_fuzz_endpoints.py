@@ -47,7 +47,8 @@ from protocol.tokens import TokenRequest, TokenRequestReply
 from security.decisions import sign_decision
 from security.envelope import H_KID, H_NONCE, H_SENDER, H_SIG, H_TOKEN, H_TS
 from security.keys import SigningKey
-from tests.conftest import REPO, eventually, free_port, make_project
+from tests.conftest import REPO, RunningBroker, eventually, make_project, start_broker
+from tests.platform import start_orchestrator
 from tests.test_orchestrator import SEND, audit_records
 from tests.test_runtime import NoteIn, Seen, make_agent
 
@@ -88,13 +89,8 @@ class Fuzz:
 async def fuzz(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuzz]:
     root = tmp_path_factory.mktemp("fuzz")
     project = make_project(root / "project")
-    server = NatsServer(config=project.config_path, cwd=project.root,
-                        log_file=root / "nats-server.log", port=free_port(),
-                        http_port=free_port())
-    server.check_config()
-    server.start()
-    server.wait_ready(project.policy().broker.monitor)
-    url = f"tls://127.0.0.1:{server.port}"
+    broker = RunningBroker(start_broker(project, root), project)
+    server, url = broker.server, broker.url
     clients: list[BrokerClient] = []
 
     async def connect(identity: str) -> BrokerClient:
@@ -103,9 +99,7 @@ async def fuzz(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fuzz]:
         clients.append(client)
         return client
 
-    orch = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"), url,
-                        planner=OfflinePlanner(REPO / "workflows"))
-    await orch.start()
+    orch = await start_orchestrator(broker, planner=OfflinePlanner(REPO / "workflows"))
     seen = Seen()
     seen.gate.set()  # a fuzzed {"text": "slow"} must not hold a handler forever
     agent = AgentService(make_agent("notify", seen), load_identity(project.secrets, "notify"),
