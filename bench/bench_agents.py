@@ -10,10 +10,15 @@ completes, then each of the six agents as its own process exactly as local mode 
 containers start it (``mas agent run NAME``). Once every agent has written its ready file
 and a few seconds have passed, the resident set size of each process is sampled from
 ``/proc/<pid>/status`` (``VmRSS``) for ``--seconds``; the table gives the median per
-process. The baseline is a Python process that only imports nats-py and holds one TLS
-connection to the same broker; a second reference process only imports the ``mas`` CLI
-and the runtime (pydantic, structlog, the security core...) without connecting, which
-separates import cost from what a running agent holds. Everything is stopped and
+process, next to its anonymous memory (``Anonymous`` in ``/proc/<pid>/smaps_rollup``):
+the pages the process holds for itself. The rest of its RSS is library code and data
+mapped from files, shared by every process (and every container of the same image) that
+maps them; ``docker stats`` leaves page cache out of a container's figure, so that figure
+sits near the anonymous memory rather than the RSS. The baseline is a Python process
+that only imports nats-py and holds one TLS connection to the same broker; a second
+reference process only imports the ``mas`` CLI and the runtime (pydantic, structlog, the
+security core...) without connecting, which separates import cost from what a running
+agent holds. Everything is stopped and
 removed at the end.
 """
 
@@ -69,6 +74,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def anonymous_kib(pid: int) -> int:
+    """Anonymous (private, not file-backed) memory of ``pid`` in KiB (Linux 4.14+:
+    /proc/<pid>/smaps_rollup)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Anonymous in smaps_rollup for {pid}")
+
+
 @dataclass
 class Child:
     name: str
@@ -77,6 +91,7 @@ class Child:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     samples: list[int] = field(default_factory=list)
+    anonymous: list[int] = field(default_factory=list)
     _log: IO[bytes] | None = None
 
     def start(self, env: dict[str, str], cwd: Path) -> None:
@@ -152,6 +167,7 @@ def run(seconds: float, settle_s: float) -> tuple[list[Child], str]:
             for child in measured:
                 assert child.process is not None
                 child.samples.append(rss_kib(child.process.pid))
+                child.anonymous.append(anonymous_kib(child.process.pid))
             time.sleep(0.5)
         return measured, server_version()
     finally:
@@ -170,19 +186,24 @@ def report(measured: list[Child], seconds: float, settle_s: float, nats_version:
         f"`python -m bench.bench_agents --seconds {seconds:g}` on {platform.platform()}, "
         f"Python {platform.python_version()}, {nats_version}, "
         f"{os.cpu_count()} CPUs. Each process idled {settle_s:g}s after its ready file, then "
-        f"VmRSS was read every 0.5s for {seconds:g}s; medians.",
+        f"VmRSS and the anonymous memory were read every 0.5s for {seconds:g}s; medians. "
+        "Anonymous memory is the process's own; the rest of RSS is shared library pages.",
         "",
-        "| process | median RSS (MiB) | min–max (MiB) | × baseline |",
-        "|---|---:|---:|---:|",
+        "| process | median RSS (MiB) | min–max (MiB) | × baseline | anonymous (MiB) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for child in measured:
         med = statistics.median(child.samples)
         lines.append(f"| {child.name} | {med / 1024:.1f} | {min(child.samples) / 1024:.1f}–"
-                     f"{max(child.samples) / 1024:.1f} | {med / base:.2f} |")
+                     f"{max(child.samples) / 1024:.1f} | {med / base:.2f} | "
+                     f"{statistics.median(child.anonymous) / 1024:.1f} |")
     agents = [statistics.median(c.samples) for c in measured[2:]]
+    private = [statistics.median(c.anonymous) for c in measured[2:]]
     lines += ["", f"Agents: median {statistics.median(agents) / 1024:.1f} MiB, "
               f"{statistics.median(agents) / base:.2f}× the bare nats-py process "
-              f"({base / 1024:.1f} MiB)."]
+              f"({base / 1024:.1f} MiB); anonymous memory median "
+              f"{statistics.median(private) / 1024:.1f} MiB (bare nats-py process "
+              f"{statistics.median(measured[0].anonymous) / 1024:.1f} MiB)."]
     samples = {c.name: [kib / 1024 for kib in c.samples] for c in measured}
     return Result("\n".join(lines) + "\n", samples=samples)
 
