@@ -19,8 +19,7 @@ from agents.aggregator.models import Digest
 from agents.aggregator.settings import AggregatorSettings
 from agents.anomaly.alerts import AnomalyAlert
 from agents.runtime import Context, Event, MemoryState
-from agents.runtime.service import AgentService
-from broker.secrets import load_identity
+from agents.runtime.testing import serving
 from protocol.actions import Completed
 from protocol.explain import Explanation
 from tests.conftest import ConnectAs, RunningBroker, commander, wait_for_violation
@@ -252,19 +251,12 @@ async def test_the_running_agent_digests_what_it_may_read_and_keeps_it_across_a_
 ) -> None:
     _, caller = await commander(connect_as)
 
-    async def start() -> AgentService:
-        service = AgentService(aggregator.agent, load_identity(broker.secrets, "aggregator"),
-                               broker.url, register=False)
-        await service.start()
-        return service
-
     async def today() -> dict[str, Any]:
         reply = await caller.call("aggregator", "daily_digest", {})
         assert isinstance(reply, Completed), reply
         return reply.output
 
-    service = await start()
-    try:
+    async with serving(aggregator.agent, broker.secrets, broker.url):
         before = await today()  # the session's broker may hold earlier counts for today
         start_counts = dict(before["by_source"])
 
@@ -303,8 +295,6 @@ async def test_the_running_agent_digests_what_it_may_read_and_keeps_it_across_a_
         assert {"kind": "refusal_burst", "severity": "high", "sender": "anomaly",
                 "summary": "home: 5 refusals"}.items() <= out["alerts"][-1].items()
 
-        await service.stop()
-        service = await start()  # a new process: the digest comes from the KV bucket
+    # a new process: the digest comes from the KV bucket
+    async with serving(aggregator.agent, broker.secrets, broker.url):
         assert await today() == out
-    finally:
-        await service.stop()

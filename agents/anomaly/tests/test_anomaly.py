@@ -21,8 +21,7 @@ from agents.anomaly.tests import traffic
 from agents.anomaly.tests.traffic import ATTACKS, Day, normal_day, write
 from agents.anomaly.watcher import Watcher
 from agents.runtime import Context, Event
-from agents.runtime.service import AgentService
-from broker.connection import SignedMessage
+from agents.runtime.testing import collect, serving
 from broker.revocations import RevocationAuthority
 from broker.secrets import load_identity
 from orchestrator.audit import open_readers, stream_config
@@ -372,16 +371,8 @@ async def test_the_running_agent_alerts_on_audit_records_and_answers_recent_aler
     assert await open_readers(js, ["anomaly"]) == []
     issuer = TokenIssuer("orchestrator",
                          load_identity(fresh_broker.secrets, "orchestrator").signing_key)
-    alerts: list[SignedMessage] = []
-
-    async def on_alert(msg: SignedMessage) -> None:
-        alerts.append(msg)
-
-    await orch.subscribe("mas.alert.>", on_alert)
-    service = AgentService(anomaly.agent, load_identity(fresh_broker.secrets, "anomaly"),
-                           fresh_broker.url, register=False)
-    await service.start()
-    try:
+    alerts = await collect(orch, "mas.alert.>")
+    async with serving(anomaly.agent, fresh_broker.secrets, fresh_broker.url):
         home = await connect_fresh("home")  # an agent cannot write audit records
         forged = write(traffic.refusal_burst(9, identity="notify")).records
         for record in forged:
@@ -406,5 +397,3 @@ async def test_the_running_agent_alerts_on_audit_records_and_answers_recent_aler
         listed = reply.output["alerts"]
         assert isinstance(listed, list)
         assert [AnomalyAlert.model_validate(a) for a in listed] == [published]
-    finally:
-        await service.stop()

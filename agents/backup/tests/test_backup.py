@@ -21,9 +21,7 @@ from agents.backup.restic import ResticOutputError, parse_snapshots
 from agents.backup.settings import BackupSettings
 from agents.backup.transitions import Schedule, Transitions
 from agents.runtime import Context
-from agents.runtime.service import AgentService
-from broker.connection import SignedMessage
-from broker.secrets import load_identity
+from agents.runtime.testing import collect, serving, without_settings_env
 from protocol.actions import Completed
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
@@ -71,9 +69,7 @@ def by_name(reports: list[BackupReport]) -> dict[str, BackupReport]:
 def _fresh_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     transitions.last.clear()
     schedule.last = None
-    for name in ("RESTIC_JSON", "WATCH_DIR", "MAX_AGE_H", "INTERVAL_MIN", "SHRINK_RATIO",
-                 "UNCHANGED_DAYS"):
-        monkeypatch.delenv(f"MAS_BACKUP_{name}", raising=False)
+    without_settings_env(monkeypatch, BackupSettings)
 
 
 def test_restic_output_is_read_field_by_field() -> None:
@@ -356,22 +352,13 @@ def test_real_restic_output(tmp_path: Path) -> None:
 async def test_the_running_agent_answers_and_publishes_a_transition(
         tmp_path: Path, broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
     orch, caller = await commander(connect_as)
-    events: list[SignedMessage] = []
-
-    async def on_event(msg: SignedMessage) -> None:
-        events.append(msg)
-
-    await orch.subscribe("mas.event.backup.>", on_event)
-    await orch.sync()
+    events = await collect(orch, "mas.event.backup.>")
     folder = tmp_path / "dumps"
     backup_file(folder, "db.sql.gz", datetime.now(UTC) - timedelta(hours=1))
     fast = dataclasses.replace(agent, polls=[dataclasses.replace(p, seconds=0.05, jitter=0)
                                              for p in agent.polls])
-    service = AgentService(fast, load_identity(broker.secrets, "backup"), broker.url,
-                           register=False, settings={"watch_dir": str(folder),
-                                                     "interval_min": "0.5"})
-    await service.start()
-    try:
+    async with serving(fast, broker.secrets, broker.url,
+                       settings={"watch_dir": str(folder), "interval_min": "0.5"}):
         reply = await caller.call("backup", "check_backups", {})
         assert isinstance(reply, Completed), reply
         assert reply.output["status"] == "ok"
@@ -386,5 +373,3 @@ async def test_the_running_agent_answers_and_publishes_a_transition(
         assert (msg.subject, msg.sender) == ("mas.event.backup.failing", "backup")
         event = BackupEvent.model_validate_json(msg.data)
         assert event.explanation.reason == "the folder holds no backup files."
-    finally:
-        await service.stop()

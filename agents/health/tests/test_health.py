@@ -43,6 +43,7 @@ from agents.health.parser import ExportError, UnsafeExport, read_export
 from agents.health.settings import HealthSettings
 from agents.health.stored import DayData, day_key
 from agents.runtime import Context, MemoryState, Proposal
+from agents.runtime.testing import collect, serving
 from tests.conftest import broker, commander, connect_as, project  # noqa: F401
 
 TZ = "-0400"
@@ -570,49 +571,39 @@ def _log() -> Any:
 
 async def test_the_agent_answers_over_the_real_broker(
         broker: Any, connect_as: Any, tmp_path: Path) -> None:  # noqa: F811
-    from agents.runtime.service import AgentService
-    from broker.secrets import load_identity
     from protocol.actions import Completed
 
     orch, caller = await commander(connect_as)
-    events: list[Any] = []
-
-    async def on_event(msg: Any) -> None:
-        events.append(msg)
-
-    await orch.subscribe("mas.event.health.>", on_event)
-    await orch.sync()
+    events = await collect(orch, "mas.event.health.>")
     sitting_export(tmp_path)
-    service = AgentService(agent, load_identity(broker.secrets, "health"), broker.url,
-                           register=False, settings={"export_dir": str(tmp_path)})
-    await service.start()
-    try:
-        state = service.context.state
-        assert state is not None
-        for key in await state.keys():  # a bucket left by an earlier run of this session
-            await state.delete(key)
-        reply = await caller.call("health", "daily_summary", {"day": DAY})
-        assert isinstance(reply, Completed), reply
-        assert (reply.output["steps"], reply.output["hrv_trend_pct"]) == (450, -15.0)
-        reply = await caller.call("health", "check_activity",
-                                  {"as_of": "2024-05-14T15:05:00-04:00"})
-        assert isinstance(reply, Completed), reply
-        assert reply.output["break_due"] is True
-        [proposal] = reply.proposals
-        assert (proposal.agent, proposal.action, proposal.explanation.confidence) == \
-            ("notify", "notify_owner", 0.85)
-        for _ in range(200):
-            if events:
-                break
-            await asyncio.sleep(0.01)
-        [event] = events
-        assert (event.subject, event.sender) == ("mas.event.health.break_due", "health")
-        assert BreakDue.model_validate_json(event.data).sitting_minutes == 180
-        keys = await state.keys()  # the real KV bucket remembers the export and the days
-        assert day_key(date(2024, 5, 14)) in keys
-        assert any(k.startswith("export.") for k in keys)
-    finally:
-        if service.context.state is not None:
-            for key in await service.context.state.keys():
-                await service.context.state.delete(key)
-        await service.stop()
+    async with serving(agent, broker.secrets, broker.url,
+                       settings={"export_dir": str(tmp_path)}) as service:
+        try:
+            state = service.context.state
+            assert state is not None
+            for key in await state.keys():  # a bucket left by an earlier run of this session
+                await state.delete(key)
+            reply = await caller.call("health", "daily_summary", {"day": DAY})
+            assert isinstance(reply, Completed), reply
+            assert (reply.output["steps"], reply.output["hrv_trend_pct"]) == (450, -15.0)
+            reply = await caller.call("health", "check_activity",
+                                      {"as_of": "2024-05-14T15:05:00-04:00"})
+            assert isinstance(reply, Completed), reply
+            assert reply.output["break_due"] is True
+            [proposal] = reply.proposals
+            assert (proposal.agent, proposal.action, proposal.explanation.confidence) == \
+                ("notify", "notify_owner", 0.85)
+            for _ in range(200):
+                if events:
+                    break
+                await asyncio.sleep(0.01)
+            [event] = events
+            assert (event.subject, event.sender) == ("mas.event.health.break_due", "health")
+            assert BreakDue.model_validate_json(event.data).sitting_minutes == 180
+            keys = await state.keys()  # the real KV bucket remembers the export and the days
+            assert day_key(date(2024, 5, 14)) in keys
+            assert any(k.startswith("export.") for k in keys)
+        finally:
+            if service.context.state is not None:
+                for key in await service.context.state.keys():
+                    await service.context.state.delete(key)

@@ -16,12 +16,11 @@ from structlog.testing import capture_logs
 from agents.home.agent import agent, cooldown
 from agents.home.classify import classify, explain_call
 from agents.home.models import CallServiceOut, GetStateOut, HomeSuggestion, ListStatesOut
+from agents.home.settings import HomeSettings
 from agents.home.tests.fake_ha import CAMERA_TOKEN, TOKEN, FakeHomeAssistant, serve
 from agents.home.tests.real_ha import hass_executable, running
 from agents.runtime import Context, Event
-from agents.runtime.service import AgentService
-from broker.connection import SignedMessage
-from broker.secrets import load_identity
+from agents.runtime.testing import collect, serving, without_settings_env, write_token
 from protocol.actions import Completed, Refused
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
@@ -42,17 +41,13 @@ def ha() -> Iterator[FakeHomeAssistant]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "ha-token"
-    path.write_text(TOKEN + "\n")
-    return path
+    return write_token(tmp_path / "ha-token", TOKEN)
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cooldown(monkeypatch: pytest.MonkeyPatch) -> None:
     cooldown.last.clear()
-    for name in ("URL", "TOKEN_FILE", "TIMEOUT_S", "MAX_REPLY_BYTES", "BREAK_LIGHT",
-                 "BREAK_COOLDOWN_S"):
-        monkeypatch.delenv(f"MAS_HOME_{name}", raising=False)
+    without_settings_env(monkeypatch, HomeSettings)
 
 
 def context(ha: FakeHomeAssistant, token_file: Path | None, **extra: str) -> Context:
@@ -313,19 +308,9 @@ async def test_the_running_agent_serves_reads_gates_calls_and_suggests(
         ha: FakeHomeAssistant, token_file: Path, broker: RunningBroker,  # noqa: F811
         connect_as: ConnectAs) -> None:  # noqa: F811
     orch, caller = await commander(connect_as)
-    suggestions: list[SignedMessage] = []
-
-    async def on_suggestion(msg: SignedMessage) -> None:
-        suggestions.append(msg)
-
-    await orch.subscribe("mas.event.home.>", on_suggestion)
-    await orch.sync()
-    service = AgentService(agent, load_identity(broker.secrets, "home"), broker.url,
-                           register=False, settings={
-                               "url": ha.url, "token_file": str(token_file),
-                               "break_light": "light.kitchen"})
-    await service.start()
-    try:
+    suggestions = await collect(orch, "mas.event.home.>")
+    async with serving(agent, broker.secrets, broker.url, settings={
+            "url": ha.url, "token_file": str(token_file), "break_light": "light.kitchen"}):
         reply = await caller.call("home", "get_state", {"entity_id": "lock.front_door"})
         assert isinstance(reply, Completed), reply
         assert reply.output["state"]["state"] == "locked"  # type: ignore[index,call-overload]
@@ -353,8 +338,6 @@ async def test_the_running_agent_serves_reads_gates_calls_and_suggests(
         assert suggestion.proposal.args["entity_id"] == ["light.kitchen"]
         await asyncio.sleep(0.2)
         assert len(ha.requests) == before, "a health event made the agent call Home Assistant"
-    finally:
-        await service.stop()
 
 
 def raw_answers(url: str, token: str) -> list[tuple[int, str, str]]:

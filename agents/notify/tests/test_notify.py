@@ -13,10 +13,10 @@ from structlog.testing import capture_logs
 
 from agents.notify.agent import agent
 from agents.notify.models import NotifyOut
+from agents.notify.settings import NotifySettings
 from agents.notify.tests.receivers import NTFY_TOKEN, FakeNtfy, FakeWebhook, serve
 from agents.runtime import Context
-from agents.runtime.service import AgentService
-from broker.secrets import load_identity
+from agents.runtime.testing import serving, without_settings_env, write_token
 from protocol.actions import Completed, Failed, Refused
 from tests.conftest import (  # the fixtures: broker, connect_as, project
     ConnectAs,
@@ -46,16 +46,12 @@ def webhook() -> Iterator[FakeWebhook]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "ntfy-token"
-    path.write_text(NTFY_TOKEN + "\n")
-    return path
+    return write_token(tmp_path / "ntfy-token", NTFY_TOKEN)
 
 
 @pytest.fixture(autouse=True)
 def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("NTFY_URL", "TOPIC", "TOKEN_FILE", "WEBHOOK_URL", "WEBHOOK_TOKEN_FILE",
-                 "CONTACTS", "TIMEOUT_S"):
-        monkeypatch.delenv(f"MAS_NOTIFY_{name}", raising=False)
+    without_settings_env(monkeypatch, NotifySettings)
 
 
 def ntfy_settings(ntfy: FakeNtfy, token_file: Path) -> dict[str, str]:
@@ -256,12 +252,8 @@ async def test_the_running_agent_notifies_the_owner_and_gates_other_recipients(
         ntfy: FakeNtfy, webhook: FakeWebhook, token_file: Path,
         broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
     _, caller = await commander(connect_as)
-    service = AgentService(agent, load_identity(broker.secrets, "notify"), broker.url,
-                           register=False, settings={
-                               **ntfy_settings(ntfy, token_file),
-                               "contacts": contacts(ntfy, webhook)})
-    await service.start()
-    try:
+    async with serving(agent, broker.secrets, broker.url, settings={
+            **ntfy_settings(ntfy, token_file), "contacts": contacts(ntfy, webhook)}):
         reply = await caller.call("notify", "notify_owner", HEALTH_PROPOSAL)
         assert isinstance(reply, Completed), reply
         assert reply.output["delivered"] is True
@@ -282,5 +274,3 @@ async def test_the_running_agent_notifies_the_owner_and_gates_other_recipients(
         bad = await caller.call("notify", "notify_owner", {"message": "no title"})
         assert isinstance(bad, Failed)
         assert bad.code == "invalid_input"
-    finally:
-        await service.stop()
