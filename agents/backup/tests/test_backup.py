@@ -23,15 +23,7 @@ from agents.backup.transitions import Schedule, Transitions
 from agents.runtime import Context
 from agents.runtime.testing import collect, serving, without_settings_env
 from protocol.actions import Completed
-from tests.conftest import (  # the fixtures: broker, connect_as, project
-    ConnectAs,
-    RunningBroker,
-    broker,  # noqa: F401
-    commander,
-    connect_as,  # noqa: F401
-    eventually,
-    project,  # noqa: F401
-)
+from tests.conftest import ConnectAs, RunningBroker, commander, eventually
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOW = datetime(2024, 3, 10, 9, 0, tzinfo=UTC)  # an hour after the laptop's last snapshot
@@ -350,7 +342,7 @@ def test_real_restic_output(tmp_path: Path) -> None:
 
 @pytest.mark.broker
 async def test_the_running_agent_answers_and_publishes_a_transition(
-        tmp_path: Path, broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
+        tmp_path: Path, broker: RunningBroker, connect_as: ConnectAs) -> None:
     orch, caller = await commander(connect_as)
     events = await collect(orch, "mas.event.backup.>")
     folder = tmp_path / "dumps"

@@ -44,7 +44,7 @@ from agents.health.settings import HealthSettings
 from agents.health.stored import DayData, day_key
 from agents.runtime import Context, MemoryState, Proposal
 from agents.runtime.testing import collect, serving
-from tests.conftest import broker, commander, connect_as, project  # noqa: F401
+from tests.conftest import commander
 
 TZ = "-0400"
 EDT = timezone(timedelta(hours=-4))
@@ -570,7 +570,7 @@ def _log() -> Any:
 
 
 async def test_the_agent_answers_over_the_real_broker(
-        broker: Any, connect_as: Any, tmp_path: Path) -> None:  # noqa: F811
+        broker: Any, connect_as: Any, tmp_path: Path) -> None:
     from protocol.actions import Completed
 
     orch, caller = await commander(connect_as)

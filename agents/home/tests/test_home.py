@@ -22,15 +22,7 @@ from agents.home.tests.real_ha import hass_executable, running
 from agents.runtime import Context, Event
 from agents.runtime.testing import collect, serving, without_settings_env, write_token
 from protocol.actions import Completed, Refused
-from tests.conftest import (  # the fixtures: broker, connect_as, project
-    ConnectAs,
-    RunningBroker,
-    broker,  # noqa: F401
-    commander,
-    connect_as,  # noqa: F401
-    eventually,
-    project,  # noqa: F401
-)
+from tests.conftest import ConnectAs, RunningBroker, commander, eventually
 
 
 @pytest.fixture
@@ -305,8 +297,8 @@ async def test_without_a_break_light_a_break_is_only_logged(
 
 @pytest.mark.broker
 async def test_the_running_agent_serves_reads_gates_calls_and_suggests(
-        ha: FakeHomeAssistant, token_file: Path, broker: RunningBroker,  # noqa: F811
-        connect_as: ConnectAs) -> None:  # noqa: F811
+        ha: FakeHomeAssistant, token_file: Path, broker: RunningBroker,
+        connect_as: ConnectAs) -> None:
     orch, caller = await commander(connect_as)
     suggestions = await collect(orch, "mas.event.home.>")
     async with serving(agent, broker.secrets, broker.url, settings={

@@ -18,14 +18,7 @@ from agents.notify.tests.receivers import NTFY_TOKEN, FakeNtfy, FakeWebhook, ser
 from agents.runtime import Context
 from agents.runtime.testing import serving, without_settings_env, write_token
 from protocol.actions import Completed, Failed, Refused
-from tests.conftest import (  # the fixtures: broker, connect_as, project
-    ConnectAs,
-    RunningBroker,
-    broker,  # noqa: F401
-    commander,
-    connect_as,  # noqa: F401
-    project,  # noqa: F401
-)
+from tests.conftest import ConnectAs, RunningBroker, commander
 
 TOPIC = "mas-owner-7Hq2"
 HEALTH_PROPOSAL = {"title": "Time for a break", "message": "You have been sitting a while.",
@@ -250,7 +243,7 @@ async def test_a_bad_contacts_setting_is_named(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.broker
 async def test_the_running_agent_notifies_the_owner_and_gates_other_recipients(
         ntfy: FakeNtfy, webhook: FakeWebhook, token_file: Path,
-        broker: RunningBroker, connect_as: ConnectAs) -> None:  # noqa: F811
+        broker: RunningBroker, connect_as: ConnectAs) -> None:
     _, caller = await commander(connect_as)
     async with serving(agent, broker.secrets, broker.url, settings={
             **ntfy_settings(ntfy, token_file), "contacts": contacts(ntfy, webhook)}):
