@@ -151,6 +151,17 @@ async def test_a_pending_approval_survives_a_broker_kill(rig: Platform) -> None:
     assert kinds.count(("command", "ok")) == 2
 
 
+async def held_in_its_first_step(rig: Platform) -> Workflow:
+    """A workflow of a slow note and one after it, started; returns once the slow one is
+    in its handler, where it waits until ``rig.seen.gate`` is set."""
+    wf = await rig.orch.engine.submit("test", Plan(
+        steps=[note("s1", "slow"), note("s2", "after", "s1")], planner="test"))
+    rig.orch.engine.start(wf.id)
+    await eventually(lambda: rig.seen.calls == [("notify_owner", "slow")], timeout=10,
+                     what="the slow step is in its handler")
+    return wf
+
+
 async def test_a_step_in_flight_when_the_broker_dies_is_not_run_twice(
         rig: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reply to a command sent before the kill is lost with the server's state. The
@@ -158,11 +169,7 @@ async def test_a_step_in_flight_when_the_broker_dies_is_not_run_twice(
     which ran it, refuses the repeat, so the step counts as done once and the workflow
     completes."""
     monkeypatch.setattr(engine_module, "STEP_TIMEOUT_S", 5.0)  # the default 30 s adds nothing
-    wf = await rig.orch.engine.submit("test", Plan(
-        steps=[note("s1", "slow"), note("s2", "after", "s1")], planner="test"))
-    rig.orch.engine.start(wf.id)
-    await eventually(lambda: rig.seen.calls == [("notify_owner", "slow")], timeout=10,
-                     what="the slow step is in its handler")
+    wf = await held_in_its_first_step(rig)
     before = [c.reconnects for c in clients(rig)]
 
     await kill_broker_and_restart(rig.broker)
@@ -188,11 +195,7 @@ async def test_a_broker_outage_longer_than_the_step_timeout_does_not_strand_the_
     is back the workflow must still finish, each side effect once, and the audit log must
     still take records and verify."""
     monkeypatch.setattr(engine_module, "STEP_TIMEOUT_S", 0.5)
-    wf = await rig.orch.engine.submit("test", Plan(
-        steps=[note("s1", "slow"), note("s2", "after", "s1")], planner="test"))
-    rig.orch.engine.start(wf.id)
-    await eventually(lambda: rig.seen.calls == [("notify_owner", "slow")], timeout=10,
-                     what="the slow step is in its handler")
+    wf = await held_in_its_first_step(rig)
     before = [c.reconnects for c in clients(rig)]
 
     await kill_broker_and_restart(rig.broker, outage_s=OUTAGE_S)
