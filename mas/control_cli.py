@@ -13,22 +13,21 @@ import datetime as dt
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from broker import connection
 from broker.errors import BrokerError, PolicyError
 from broker.secrets import SecretsLayout, load_identity
 from control.backend import Backend
 from control.service import ControlService, ControlSettings
 from egress.service import EgressSettings, run_egress
-from mas.project import Project, find_project
+from mas.project import find_project
+from mas.sessions import ServiceSession, broker_url
 from protocol import control as wire
-from protocol.approvals import AdminError
 
 out = Console(highlight=False, soft_wrap=True)
 control_app = typer.Typer(help="The control service (starts and stops agents).",
@@ -38,7 +37,6 @@ RootOption = Annotated[
     Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-M = TypeVar("M", bound=BaseModel)
 FOLLOW_EVERY_S = 1.0
 CONTROL = "control"
 
@@ -48,10 +46,6 @@ def _setting_error(exc: ValidationError, prefix: str) -> PolicyError:
     name = str(first["loc"][0]).upper() if first["loc"] else "?"
     name = name if name.startswith("MAS_") else f"{prefix}{name}"
     return PolicyError(f"bad setting {name}: {first['msg']}")
-
-
-def _url(project: Project) -> str:
-    return os.environ.get("MAS_BROKER_URL") or f"tls://{project.policy().broker.listen}"
 
 
 @egress_app.command("run")
@@ -101,7 +95,7 @@ def control_run(
         raise _setting_error(exc, "MAS_CONTROL_") from None
     project = find_project(root)
     policy = project.policy()
-    url = _url(project)
+    url = broker_url(project)
     secrets = os.environ.get("MAS_SECRETS_DIR")
     material = load_identity(SecretsLayout(Path(secrets)) if secrets else project.secrets,
                              CONTROL)
@@ -119,35 +113,13 @@ def control_run(
     asyncio.run(service.run(after_start=local.start_all if local else None))
 
 
-class _Control:
+class _Control(ServiceSession):
     """One operator connection for a command's requests to control."""
 
-    def __init__(self, project: Project) -> None:
-        self.project = project
-
-    async def __aenter__(self) -> _Control:
-        self.client = await connection.connect(load_identity(self.project.secrets, "operator"),
-                                               _url(self.project), max_reconnect_attempts=0)
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.client.close()
-
-    async def ask(self, subject: str, payload: BaseModel, answer: type[M],
-                  timeout: float = 30.0) -> M:
-        try:
-            reply = await self.client.request(subject, payload, timeout=timeout)
-        except Exception as exc:
-            raise BrokerError(f"the control service did not answer on {subject} "
-                              f"({type(exc).__name__}); is it running (`mas up`, or the "
-                              "control container)?") from None
-        if reply.sender != CONTROL:
-            raise BrokerError(f"answer signed by {reply.sender}, not by control")
-        try:
-            error = AdminError.model_validate_json(reply.data)
-        except ValidationError:
-            return answer.model_validate_json(reply.data)
-        raise BrokerError(f"refused ({error.code}): {error.reason}")
+    service = CONTROL
+    title = "the control service"
+    start_hint = "`mas up`, or the control container"
+    timeout_s = 30.0
 
 
 def _agent_request(name: str) -> wire.AgentRequest:
@@ -159,7 +131,7 @@ def _agent_request(name: str) -> wire.AgentRequest:
 
 def _act(name: str, subject: str, root: Path | None) -> None:
     async def go() -> wire.AgentStatus:
-        async with _Control(find_project(root)) as control:
+        async with await _Control.open(find_project(root)) as control:
             return await control.ask(subject, _agent_request(name), wire.AgentStatus)
 
     status = asyncio.run(go())
@@ -204,7 +176,7 @@ def _age(since: str) -> str:
 def status(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Every agent's state, as control sees it (containers or local processes)."""
     async def go() -> wire.StatusReply:
-        async with _Control(find_project(root)) as control:
+        async with await _Control.open(find_project(root)) as control:
             return await control.ask(wire.STATUS, wire.StatusRequest(), wire.StatusReply)
 
     reply = asyncio.run(go())
@@ -235,7 +207,7 @@ def logs(
         raise BrokerError(f"--tail must be 1 to {wire.MAX_LOG_LINES}") from None
 
     async def go() -> None:
-        async with _Control(find_project(root)) as control:
+        async with await _Control.open(find_project(root)) as control:
             reply = await control.ask(wire.LOGS, request, wire.LogsReply)
             while True:
                 for line in reply.lines:

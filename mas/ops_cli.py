@@ -7,18 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal
 
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from broker import connection
 from broker import subjects as subj
 from broker.errors import BrokerError
 from broker.kv import bucket_keys
@@ -26,6 +24,7 @@ from broker.secrets import load_identity
 from mas.approvals_watch import Watcher, WatchError, load_ntfy, pick_dialog
 from mas.audit_cli import StreamReader, parse_since
 from mas.project import Project, find_project
+from mas.sessions import M, ServiceSession, broker_url
 from mas.tokens_list import token_rows
 from orchestrator.planners import (
     PlannerConfigError,
@@ -37,7 +36,7 @@ from orchestrator.planners import (
 from orchestrator.service import Orchestrator, WorkflowList
 from orchestrator.settings import OrchestratorSettingsError, load_orchestrator_settings
 from protocol import admin
-from protocol.approvals import AdminError, Approval, ApprovalList, ApprovalQuery
+from protocol.approvals import Approval, ApprovalList, ApprovalQuery
 from protocol.audit import AuditRecord
 from security.decisions import sign_decision
 from security.revocation import Revocation
@@ -52,50 +51,19 @@ RootOption = Annotated[
     Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-M = TypeVar("M", bound=BaseModel)
 MAX_REASON = 500  # ApprovalDecision.reason and RevokeRequest.reason
 
 
-def _url(project: Project) -> str:
-    """$MAS_BROKER_URL (compose, tests) or the policy's listen address (local mode)."""
-    return os.environ.get("MAS_BROKER_URL") or f"tls://{project.policy().broker.listen}"
-
-
-class OperatorSession:
+class OperatorSession(ServiceSession):
     """One connection to the broker as the operator: requests to the orchestrator's admin
     endpoints, each answer checked to be signed by the orchestrator, and decisions signed
     with the operator's key. The one-shot commands open one per command; `mas approvals
     watch` keeps one open."""
 
-    def __init__(self, project: Project, client: connection.BrokerClient) -> None:
-        self.project = project
-        self.client = client
-
-    @classmethod
-    async def open(cls, project: Project, *, reconnect: bool = False) -> OperatorSession:
-        client = await connection.connect(load_identity(project.secrets, "operator"),
-                                          _url(project),
-                                          max_reconnect_attempts=-1 if reconnect else 0)
-        return cls(project, client)
-
-    async def close(self) -> None:
-        await self.client.close()
-
-    async def ask(self, subject: str, payload: BaseModel | bytes, answer: type[M],
-                  timeout: float = 10.0) -> M:
-        try:
-            reply = await self.client.request(subject, payload, timeout=timeout)
-        except Exception as exc:
-            raise BrokerError(f"the orchestrator did not answer on {subject} "
-                              f"({type(exc).__name__}); is it running (`mas orchestrator run`)?"
-                              ) from None
-        if reply.sender != "orchestrator":
-            raise BrokerError(f"answer signed by {reply.sender}, not the orchestrator")
-        try:
-            error = AdminError.model_validate_json(reply.data)
-        except ValidationError:
-            return answer.model_validate_json(reply.data)
-        raise BrokerError(f"refused ({error.code}): {error.reason}")
+    service = "orchestrator"
+    title = "the orchestrator"
+    start_hint = "`mas orchestrator run`"
+    timeout_s = 10.0
 
     async def pending(self) -> list[Approval]:
         query = ApprovalQuery(status="pending")
@@ -112,12 +80,9 @@ class OperatorSession:
 
 
 async def _ask(project: Project, subject: str, payload: BaseModel | bytes, answer: type[M],
-               timeout: float = 10.0) -> M:
-    session = await OperatorSession.open(project)
-    try:
+               timeout: float | None = None) -> M:
+    async with await OperatorSession.open(project) as session:
         return await session.ask(subject, payload, answer, timeout)
-    finally:
-        await session.close()
 
 
 @orchestrator_app.command("run")
@@ -135,7 +100,7 @@ def orchestrator_run(root: RootOption = None) -> None:
     except OrchestratorSettingsError as exc:
         raise BrokerError(str(exc)) from None
     service = Orchestrator(project.policy(), load_identity(project.secrets, "orchestrator"),
-                           _url(project), planner=planner, library=library,
+                           broker_url(project), planner=planner, library=library,
                            approval_ttl_s=own.approval_ttl_s, ready_file=own.ready_file)
     asyncio.run(service.run())
 
@@ -206,11 +171,8 @@ def _decide(approval_id: str, decision: Literal["approve", "deny"], reason: str,
     approval = _one(project, approval_id)
 
     async def send() -> Approval:
-        session = await OperatorSession.open(project)
-        try:
+        async with await OperatorSession.open(project) as session:
             return await session.decide(approval, decision, reason)
-        finally:
-            await session.close()
 
     result = asyncio.run(send())
     out.print(f"{result.id}: {result.status} ({result.agent}.{result.action})")
@@ -381,20 +343,17 @@ def tokens_list(
     project = find_project(root)
 
     async def read() -> tuple[list[AuditRecord], list[Revocation]]:
-        client = await connection.connect(load_identity(project.secrets, "operator"),
-                                          _url(project), max_reconnect_attempts=0)
-        try:
+        async with await OperatorSession.open(project) as session:
             records = [AuditRecord.model_validate_json(raw) async for _, raw in
-                       StreamReader(client).records(since=start)]
-            kv = await client.nc.jetstream(timeout=5).key_value(subj.REVOCATIONS_BUCKET)
+                       StreamReader(session.client).records(since=start)]
+            kv = await session.client.nc.jetstream(timeout=5).key_value(
+                subj.REVOCATIONS_BUCKET)
             revocations = []
             for key in await bucket_keys(kv):
                 entry = await kv.get(key)
                 with contextlib.suppress(ValidationError):
                     revocations.append(Revocation.model_validate_json(entry.value or b""))
             return records, revocations
-        finally:
-            await client.close()
 
     records, revocations = asyncio.run(read())
     rows = [r for r in token_rows(records, revocations, since=start or 0.0)
