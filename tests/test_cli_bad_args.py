@@ -31,7 +31,7 @@ import typer
 from typer.testing import CliRunner
 
 from mas.cli import app
-from tests.conftest import REPO, free_port, make_project, start_broker
+from tests.conftest import REPO, free_port, make_project, start_broker, stop_process
 from tests.test_cli import MAS, env
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -391,12 +391,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[
             time.sleep(0.5)
         yield project.root, extra
     finally:
-        orch.terminate()
-        try:
-            orch.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            orch.kill()
-            orch.wait()
+        stop_process(orch)
         server.stop()
 
 

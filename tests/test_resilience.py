@@ -34,7 +34,7 @@ from protocol.audit import AuditRecord
 from security.encoding import b64url_decode
 from security.revocation import RevocationSet
 from security.tokens import TokenIssuer
-from tests.conftest import ConnectAs, RunningBroker, eventually, settle
+from tests.conftest import ConnectAs, RunningBroker, eventually, settle, stop_process
 from tests.platform import Platform, running_platform
 from tests.test_cli import MAS, env, mas
 from tests.test_orchestrator import MESSAGE, SEND, audit_records
@@ -295,13 +295,8 @@ class OrchestratorProcess:
         return self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx2
 
+from tests.conftest import stop_process
+
 CONFIG = """\
 homeassistant:
   name: MAS test
@@ -124,10 +126,5 @@ def running(hass: str, config_dir: Path, port: int,
             time.sleep(0.5)
         yield RealHomeAssistant(url, token, config_dir)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
