@@ -26,7 +26,7 @@ from control.backend import Backend
 from control.service import ControlService, ControlSettings
 from egress.service import EgressSettings, run_egress
 from mas.project import find_project
-from mas.sessions import ServiceSession, broker_url
+from mas.sessions import ControlSession, broker_url
 from protocol import control as wire
 
 out = Console(highlight=False, soft_wrap=True)
@@ -113,15 +113,6 @@ def control_run(
     asyncio.run(service.run(after_start=local.start_all if local else None))
 
 
-class _Control(ServiceSession):
-    """One operator connection for a command's requests to control."""
-
-    service = CONTROL
-    title = "the control service"
-    start_hint = "`mas up`, or the control container"
-    timeout_s = 30.0
-
-
 def _agent_request(name: str) -> wire.AgentRequest:
     try:
         return wire.AgentRequest(agent=name)
@@ -131,7 +122,7 @@ def _agent_request(name: str) -> wire.AgentRequest:
 
 def _act(name: str, subject: str, root: Path | None) -> None:
     async def go() -> wire.AgentStatus:
-        async with await _Control.open(find_project(root)) as control:
+        async with await ControlSession.open(find_project(root)) as control:
             return await control.ask(subject, _agent_request(name), wire.AgentStatus)
 
     status = asyncio.run(go())
@@ -176,7 +167,7 @@ def _age(since: str) -> str:
 def status(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Every agent's state, as control sees it (containers or local processes)."""
     async def go() -> wire.StatusReply:
-        async with await _Control.open(find_project(root)) as control:
+        async with await ControlSession.open(find_project(root)) as control:
             return await control.ask(wire.STATUS, wire.StatusRequest(), wire.StatusReply)
 
     reply = asyncio.run(go())
@@ -207,7 +198,7 @@ def logs(
         raise BrokerError(f"--tail must be 1 to {wire.MAX_LOG_LINES}") from None
 
     async def go() -> None:
-        async with await _Control.open(find_project(root)) as control:
+        async with await ControlSession.open(find_project(root)) as control:
             reply = await control.ask(wire.LOGS, request, wire.LogsReply)
             while True:
                 for line in reply.lines:

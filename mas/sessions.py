@@ -3,8 +3,9 @@
 
 A request goes over the broker as the operator identity; its answer counts only when the
 service it was asked of signed it, and a service's refusal (``AdminError``) becomes one
-``BrokerError`` line. The orchestrator's session (``mas.ops_cli.OperatorSession``) and
-control's (``mas.control_cli``) differ only in whom they ask.
+``BrokerError`` line. The orchestrator's session (``mas.ops_cli.OperatorSession``, which
+also signs approval decisions) and control's (``ControlSession``) differ only in whom they
+ask.
 """
 
 from __future__ import annotations
@@ -73,3 +74,12 @@ class ServiceSession:
         except ValidationError:
             return answer.model_validate_json(reply.data)
         raise BrokerError(f"refused ({error.code}): {error.reason}")
+
+
+class ControlSession(ServiceSession):
+    """Requests to the control service: start, stop and restart agents, status, logs."""
+
+    service = "control"
+    title = "the control service"
+    start_hint = "`mas up`, or the control container"
+    timeout_s = 30.0
