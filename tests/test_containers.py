@@ -137,9 +137,10 @@ print(json.dumps({
 # calls the home agent makes (bearer token checked), 200 to any other POST (a webhook
 # receiver), and every request it served at GET /_seen, for the test on the host.
 FAKE = """
-import json, sys
+import json, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-TOKEN, seen = sys.argv[2], []
+TOKEN, seen, answering = sys.argv[2], [], threading.Event()
+answering.set()
 def state(entity, value):
     return {"entity_id": entity, "state": value, "attributes": {"friendly_name": entity},
             "last_changed": "2026-11-25T18:00:00+00:00",
@@ -156,10 +157,14 @@ class Fake(BaseHTTPRequestHandler):
     def serve(self):
         if self.path == "/_seen":
             return self.answer(200, seen)
+        if self.path in ("/_hold", "/_release"):  # hold answers to others, or let them go
+            answering.clear() if self.path == "/_hold" else answering.set()
+            return self.answer(200, {})
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length).decode() if length else ""
         seen.append({"method": self.command, "path": self.path, "client": self.client_address[0],
                      "authorization": self.headers.get("Authorization"), "body": body})
+        answering.wait(60)
         ha = self.path.startswith("/api/")
         if ha and self.headers.get("Authorization") != "Bearer " + TOKEN:
             return self.answer(401, {"message": "401: Unauthorized"})
@@ -404,6 +409,19 @@ class Fake:
                                     timeout=10) as answer:
             found: list[dict[str, Any]] = json.loads(answer.read())
         return found
+
+    def hold(self) -> None:
+        """Record requests as they come but answer none until :meth:`release`."""
+        self._post("/_hold")
+
+    def release(self) -> None:
+        self._post("/_release")
+
+    def _post(self, path: str) -> None:
+        request = urllib.request.Request(f"http://{self.address}:{self.port}{path}",
+                                         data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310 (our own fake)
+            pass
 
 
 def start_fake(stack: Stack, role: str, network: str, alias: str, port: int) -> Fake:
@@ -845,6 +863,71 @@ def test_killed_agent_restarts_and_the_step_runs_once(
     assert sends[1] == ("error", "retrying", "NoRespondersError")  # nobody there to get it
     assert sends[-1] == ("ok", "", None)
     assert stack.inspect("notify")["RestartCount"] == restarts + 1
+    wait_for(lambda: stack.health("notify") == "healthy", WAIT_S, "notify healthy again",
+             stack.diagnosis)
+
+
+def log_count(stack: Stack, service: str, event: str) -> int:
+    logs = run(["docker", "logs", stack.container(service)])
+    return sum(f'"{event}"' in line for line in (logs.stdout + logs.stderr).splitlines())
+
+
+def test_agent_cut_off_the_network_mid_delivery_reconnects_and_the_step_runs_once(
+        stack: Stack, receiver: Fake, operator: Operator) -> None:
+    """`docker network disconnect` notify from its network to the broker while its
+    delivery to bob is in flight (bob's webhook holds its answer until the cut), so its
+    reply is lost; connect it again once the orchestrator has given up waiting for that
+    reply. notify gives up its silent connection and reconnects; the retry, same jti, is
+    refused as already run (token_replayed), so the step counts once and bob got one
+    message. Another workflow's pending approval is still there, and the audit verifies."""
+    network = f"{stack.project}_agent_notify"
+    notify = stack.container("notify")
+    before = len(deliveries(receiver))
+    waiting = operator.start("message-bob")  # stays pending through the cut
+    wf = operator.start("message-bob")
+    approval = operator.approval_for(wf["id"])
+    disconnects = log_count(stack, "notify", "broker.disconnected")
+    reconnects = log_count(stack, "notify", "broker.reconnected")
+    receiver.hold()
+    try:
+        approved = operator.mas("approvals", "approve", approval["id"], "--reason", "fine")
+        assert approved.returncode == 0, approved.stderr
+        wait_for(lambda: len(deliveries(receiver)) > before, 60, "notify's delivery at bob",
+                 stack.diagnosis)
+        cut = run(["docker", "network", "disconnect", network, notify])
+        assert cut.returncode == 0, cut.stderr
+    finally:
+        receiver.release()
+
+    def reply_lost() -> bool:
+        return any(r["kind"] == "command" and r["code"] == "retrying"
+                   for r in operator.audit(wf["id"]))
+
+    wait_for(reply_lost, 90, "the orchestrator retrying the step", stack.diagnosis)
+    wait_for(lambda: log_count(stack, "notify", "broker.disconnected") > disconnects, 60,
+             "notify giving up its silent connection", stack.diagnosis)
+    joined = run(["docker", "network", "connect", network, notify])
+    assert joined.returncode == 0, joined.stderr
+    wait_for(lambda: log_count(stack, "notify", "broker.reconnected") > reconnects, 60,
+             "notify reconnecting", stack.diagnosis)
+    done = operator.finished(wf["id"])
+    assert done["status"] == "completed", done
+    step = done["steps"]["send"]
+    assert (step["code"], step["jti"]) == ("already_done", f"{wf['id']}-send"), step
+    assert step["attempts"] > 1, step
+    assert len(deliveries(receiver)[before:]) == 1
+    outcomes = [(r["outcome"], r["code"]) for r in operator.audit(wf["id"])
+                if r["kind"] == "command"]
+    assert outcomes[-1] == ("ok", "already_done"), outcomes
+    assert operator.approval_for(waiting["id"])["workflow_id"] == waiting["id"]
+    verified = operator.json("audit", "verify")
+    assert verified["ok"], verified
+    assert verified["first_bad_seq"] is None, verified
+    denied = operator.mas("approvals", "deny", operator.approval_for(waiting["id"])["id"],
+                          "--reason", "not now")
+    assert denied.returncode == 0, denied.stderr
+    assert operator.finished(waiting["id"])["status"] == "failed"
+    assert len(deliveries(receiver)[before:]) == 1
     wait_for(lambda: stack.health("notify") == "healthy", WAIT_S, "notify healthy again",
              stack.diagnosis)
 
