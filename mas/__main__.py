@@ -1,3 +1,3 @@
-from mas.cli import main
+from mas.entry import main
 
 main()

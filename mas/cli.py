@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +27,7 @@ from mas.agent_cli import agent_app
 from mas.audit_cli import audit_app
 from mas.control_cli import register as register_control
 from mas.dashboard_cli import dashboard_app
+from mas.entry import guarded
 from mas.local import LocalService, start_services
 from mas.ops_cli import (
     approvals_app,
@@ -40,7 +37,6 @@ from mas.ops_cli import (
     workflow_app,
 )
 from mas.project import Project, find_project
-from security.errors import SecurityError
 
 app = typer.Typer(help="Multi-Agent Assistant: a security-first agent platform on NATS.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -59,22 +55,6 @@ out = Console(highlight=False, soft_wrap=True)
 RootOption = Annotated[
     Path | None, typer.Option("--root", help="Project folder (default: nearest policy.yaml).")
 ]
-
-
-def _configure_logging() -> None:
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    # asyncio warns on every TLS close that nats-py's protocol handles; it is not actionable.
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
-                    structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
 
 
 @app.command()
@@ -273,24 +253,4 @@ def run(
 
 
 def main() -> None:
-    _configure_logging()
-    try:
-        app()
-    except (BrokerError, SecurityError) as exc:
-        typer.echo(f"mas: {exc}", err=True)
-        sys.exit(1)
-    except OSError as exc:
-        # A file or folder mas writes is in the way or not accessible (IsADirectoryError,
-        # FileExistsError, PermissionError, ...): say what and where, without a traceback.
-        where = f": {exc.filename}" if exc.filename is not None else ""
-        typer.echo(f"mas: {exc.strerror or exc}{where}", err=True)
-        sys.exit(1)
-    except ValidationError as exc:
-        # a value that reached a model unchecked (a setting, an argument): name it, no traceback
-        first = exc.errors()[0]
-        where = ".".join(map(str, first["loc"])) or exc.title
-        typer.echo(f"mas: {where}: {first['msg']}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("mas: interrupted", err=True)
-        sys.exit(130)
+    guarded(app)

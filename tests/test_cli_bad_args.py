@@ -178,7 +178,7 @@ def run_all(cases: list[Case], service_grace_s: float = 20.0) -> dict[str, Outco
 FORK_DRIVER = r"""
 import json, os, signal, sys, tempfile, time, traceback
 cases, grace, workers = json.load(sys.stdin), float(sys.argv[1]), int(sys.argv[2])
-from mas.cli import main
+from mas.entry import main
 out_dir = tempfile.mkdtemp()
 results, running, queue = {}, {}, list(enumerate(cases))
 

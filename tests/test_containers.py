@@ -185,7 +185,7 @@ ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Fake).serve_forever()
 # itself then takes a fraction of a second rather than the seconds Python's startup takes.
 PRIMED = """
 import sys
-from mas.cli import main
+from mas.entry import main
 print("primed", flush=True)
 sys.stdin.readline()
 sys.argv[0] = "mas"
