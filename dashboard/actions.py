@@ -15,13 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.errors import BrokerError
 from mas.ops_cli import OperatorSession
+from mas.sessions import ControlSession
 from orchestrator.service import WorkflowList
 from orchestrator.workflows import Workflow
 from protocol import admin
 from protocol import control as wire
-from protocol.approvals import AdminError, Approval, ApprovalId, ApprovalList, ApprovalQuery
+from protocol.approvals import Approval, ApprovalId, ApprovalList, ApprovalQuery
 
-CONTROL_IDENTITY = "control"
 M = TypeVar("M", bound=BaseModel)
 RUN_WAIT_S = 3.0
 
@@ -112,18 +112,11 @@ class Controls:
 
     async def _ask_control(self, subject: str, payload: BaseModel, answer: type[M],
                            timeout: float = 10.0) -> M:
+        control = ControlSession(self.session.project, self.session.client)
         try:
-            reply = await self.session.client.request(subject, payload, timeout=timeout)
-        except Exception as exc:
-            raise ActionFailed(f"control did not answer on {subject} ({type(exc).__name__}); "
-                               "is the control service running?") from None
-        if reply.sender != CONTROL_IDENTITY:
-            raise ActionFailed(f"answer signed by {reply.sender}, not control")
-        try:
-            error = AdminError.model_validate_json(reply.data)
-        except ValidationError:
-            return answer.model_validate_json(reply.data)
-        raise ActionFailed(f"control refused ({error.code}): {error.reason}")
+            return await control.ask(subject, payload, answer, timeout)
+        except BrokerError as exc:
+            raise ActionFailed(str(exc)) from None
 
 
 def _parse(model: type[M], **fields: Any) -> M:
