@@ -12,7 +12,8 @@ from broker.secrets import load_identity
 from orchestrator import engine
 from orchestrator.plan import Plan, Step
 from tests.conftest import RunningBroker
-from tests.test_orchestrator import Platform, audit_records, platform  # noqa: F401
+from tests.platform import Platform
+from tests.test_orchestrator import audit_records
 from tests.test_runtime import Seen, make_agent
 
 pytestmark = pytest.mark.broker
@@ -25,7 +26,7 @@ def _quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_an_agent_that_never_answers_fails_the_step_after_bounded_audited_retries(
-        platform: Platform) -> None:  # noqa: F811
+        platform: Platform) -> None:
     await platform.agent.stop()
     wf = await platform.run_plan(NOTE)
 
@@ -41,7 +42,7 @@ async def test_an_agent_that_never_answers_fails_the_step_after_bounded_audited_
 
 
 async def test_an_agent_back_within_the_retries_runs_the_step_once(
-        platform: Platform, fresh_broker: RunningBroker,  # noqa: F811
+        platform: Platform, fresh_broker: RunningBroker,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "RETRY_DELAY_S", 3.0)  # room for the agent to start
     await platform.agent.stop()
@@ -70,7 +71,7 @@ async def test_an_agent_back_within_the_retries_runs_the_step_once(
 
 
 async def test_advancing_a_finished_or_rejected_workflow_changes_nothing(
-        platform: Platform) -> None:  # noqa: F811
+        platform: Platform) -> None:
     rejected = await platform.orch.engine.submit(
         "test", Plan(steps=[Step(id="s1", agent="notify", action="no_such")], planner="test"))
     assert rejected.status == "rejected"

@@ -11,7 +11,8 @@ import pytest
 from protocol.audit import AuditRecord
 from protocol.control import ACTION_EVENT, ControlAction
 from tests.conftest import ConnectAs, wait_for_violation
-from tests.test_orchestrator import Platform, audit_records, platform  # noqa: F401
+from tests.platform import Platform
+from tests.test_orchestrator import audit_records
 
 pytestmark = pytest.mark.broker
 ALERT = {"kind": "refusal_burst", "severity": "high", "identity": "home", "ts": 1.0,
@@ -20,7 +21,7 @@ ALERT = {"kind": "refusal_burst", "severity": "high", "identity": "home", "ts": 
              "data": {"count": 12}, "confidence": 0.9}}
 
 
-async def records_of(platform: Platform, kind: str, count: int) -> list[AuditRecord]:  # noqa: F811
+async def records_of(platform: Platform, kind: str, count: int) -> list[AuditRecord]:
     found: list[AuditRecord] = []
 
     async def poll() -> None:
@@ -33,7 +34,7 @@ async def records_of(platform: Platform, kind: str, count: int) -> list[AuditRec
 
 
 async def test_a_control_action_is_audited_with_the_operator_who_asked(
-        platform: Platform, connect_fresh: ConnectAs) -> None:  # noqa: F811
+        platform: Platform, connect_fresh: ConnectAs) -> None:
     control = await connect_fresh("control")
     action = ControlAction(agent="notify", action="stop", by="operator", outcome="ok",
                            state="stopped")
@@ -45,7 +46,7 @@ async def test_a_control_action_is_audited_with_the_operator_who_asked(
 
 
 async def test_an_agent_cannot_announce_a_control_action(
-        platform: Platform, connect_fresh: ConnectAs) -> None:  # noqa: F811
+        platform: Platform, connect_fresh: ConnectAs) -> None:
     home = await connect_fresh("home")
     forged = ControlAction(agent="notify", action="stop", by="operator", outcome="ok")
     await home.publish(ACTION_EVENT, forged.model_dump_json().encode())
@@ -55,7 +56,7 @@ async def test_an_agent_cannot_announce_a_control_action(
 
 
 async def test_alerts_are_audited_with_their_sender_and_summary_and_junk_is_marked(
-        platform: Platform, connect_fresh: ConnectAs) -> None:  # noqa: F811
+        platform: Platform, connect_fresh: ConnectAs) -> None:
     anomaly = await connect_fresh("anomaly")
     await anomaly.publish("mas.alert.refusal_burst", json.dumps(ALERT).encode())
     await anomaly.publish("mas.alert.refusal_burst", b"{not json")

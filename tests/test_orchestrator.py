@@ -22,7 +22,6 @@ from security.decisions import sign_decision
 from security.encoding import args_sha256, b64url_decode
 from security.keys import SigningKey
 from tests.conftest import RunningBroker, eventually, wait_for_violation
-from tests.conftest import platform as platform  # test_feeds, test_engine_retries import it here
 from tests.platform import Platform
 from tests.test_runtime import Seen, make_agent
 
