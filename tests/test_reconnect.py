@@ -7,23 +7,28 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker import connection
 from broker.secrets import load_identity
 from broker.server import NatsServer
+from mas.project import Project
 from tests.conftest import REPO, eventually, free_port, make_project, settle
 
 
-async def test_clients_reconnect_after_broker_kill(tmp_path: Path) -> None:
-    proj = make_project(tmp_path)
-    server = NatsServer(config=proj.config_path, cwd=tmp_path, log_file=tmp_path / "log",
+def started_server(root: Path) -> tuple[Project, NatsServer, str]:
+    """A project in ``root`` and its broker, started and ready; the broker's URL."""
+    proj = make_project(root)
+    server = NatsServer(config=proj.config_path, cwd=root, log_file=root / "log",
                         port=free_port(), http_port=free_port())
-    monitor = proj.policy().broker.monitor
     server.start()
-    server.wait_ready(monitor)
-    url = f"tls://127.0.0.1:{server.port}"
+    server.wait_ready(proj.policy().broker.monitor)
+    return proj, server, f"tls://127.0.0.1:{server.port}"
+
+
+async def test_clients_reconnect_after_broker_kill(tmp_path: Path) -> None:
+    proj, server, url = started_server(tmp_path)
+    monitor = proj.policy().broker.monitor
     orch = await connection.connect(load_identity(proj.secrets, "orchestrator"), url)
     agent = await connection.connect(load_identity(proj.secrets, "health"), url)
     try:
@@ -72,13 +77,6 @@ asyncio.run(main())
 """
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-
-
 async def ask(client: connection.BrokerClient) -> str:
     """What one request to the health agent meets: its answer, or the error's name."""
     try:
@@ -88,18 +86,25 @@ async def ask(client: connection.BrokerClient) -> str:
     return reply.data.decode()
 
 
+async def asked_until(client: connection.BrokerClient, wanted: str, timeout: float,
+                      what: str) -> list[str]:
+    """Ask the health agent until it meets ``wanted``; every answer met on the way."""
+    met: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not met or met[-1] != wanted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s: {met[-3:]}")
+        met.append(await ask(client))
+    return met
+
+
 async def test_broker_drops_a_silent_agent_and_takes_it_back_when_it_answers(
         tmp_path: Path) -> None:
     """A frozen agent (its network cut, in effect) stops taking requests meant for its queue
     group once the broker's pings go unanswered (about 20-30 s, not nats-server's default
     of minutes): callers get "no responders" instead of waiting out a timeout each. Thawed,
     the agent finds its connection gone, reconnects by itself and answers again."""
-    proj = make_project(tmp_path)
-    server = NatsServer(config=proj.config_path, cwd=tmp_path, log_file=tmp_path / "log",
-                        port=free_port(), http_port=free_port())
-    server.start()
-    server.wait_ready(proj.policy().broker.monitor)
-    url = f"tls://127.0.0.1:{server.port}"
+    proj, server, url = started_server(tmp_path)
     orch = await connection.connect(load_identity(proj.secrets, "orchestrator"), url)
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SILENT_AGENT, str(proj.secrets.root), url, cwd=REPO,
@@ -109,22 +114,11 @@ async def test_broker_drops_a_silent_agent_and_takes_it_back_when_it_answers(
         assert await asyncio.wait_for(agent.stdout.readline(), 30) == b"ready\n"
         assert await ask(orch) == "pong"
         agent.send_signal(signal.SIGSTOP)
-        seen: list[str] = []
-
-        async def dropped() -> bool:
-            seen.append(await ask(orch))
-            return seen[-1] == "NoRespondersError"
-
-        await until(dropped, timeout=60, what="the broker dropping the frozen agent")
-        assert "pong" not in seen, seen
+        met = await asked_until(orch, "NoRespondersError", 60,
+                                "the broker dropping the frozen agent")
+        assert "pong" not in met, met
         agent.send_signal(signal.SIGCONT)
-        answers: list[str] = []
-
-        async def back() -> bool:
-            answers.append(await ask(orch))
-            return answers[-1] == "pong"
-
-        await until(back, timeout=30, what="the thawed agent answering again")
+        await asked_until(orch, "pong", 30, "the thawed agent answering again")
     finally:
         if agent.returncode is None:
             agent.kill()
@@ -137,12 +131,7 @@ async def test_client_gives_up_a_silent_broker_and_reconnects(tmp_path: Path) ->
     """A broker that stops answering (frozen: a cut network looks the same from the client)
     is given up after about 15 s of unanswered pings, not nats-py's default of minutes;
     the client then reconnects by itself once the broker answers again."""
-    proj = make_project(tmp_path)
-    server = NatsServer(config=proj.config_path, cwd=tmp_path, log_file=tmp_path / "log",
-                        port=free_port(), http_port=free_port())
-    server.start()
-    server.wait_ready(proj.policy().broker.monitor)
-    url = f"tls://127.0.0.1:{server.port}"
+    proj, server, url = started_server(tmp_path)
     orch = await connection.connect(load_identity(proj.secrets, "orchestrator"), url)
     try:
         assert server.process is not None
