@@ -45,8 +45,9 @@ from typing import Any
 import yaml
 
 from bench import common
-from bench.common import REPO, Result, free_port, log, machine_info
+from bench.common import REPO, Result, Target, free_port, log, machine_info
 from bench.throwaway import make_project
+from broker.policy import load_policy
 from mas.local import agents_with_code
 
 TIMEOUT_S = 180.0  # a loaded 2-core machine is slow, but not this slow
@@ -228,11 +229,51 @@ class EngineBusy(RuntimeError):
     """Other stacks hold every address pool of the engine's defaults: wait and retry."""
 
 
+IDLE_S = 10.0  # once every check passed, the agents idle this long before memory is read
+TARGET_HEALTHY_S = 30.0  # issue 5: up to healthy on a warm build cache
+TARGET_IDLE_MB = 50.0  # issue 5: agents under 50 MB idle each
+UNITS = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "kB": 1 / 1024,
+         "MB": 1.0, "GB": 1024.0}
+
+
+@dataclass
+class Idle:
+    """One idle agent container's memory, MiB."""
+
+    container: float  # `docker stats`: the container's memory, page cache left out
+    rss: float  # its process's resident set (shared library pages included)
+    anonymous: float  # its process's own pages (`Anonymous` in smaps_rollup)
+
+
 @dataclass
 class ComposeRun:
     up_returned: float
     healthy: dict[str, float]  # service -> seconds until Docker said healthy
     probed: dict[str, float]  # service -> seconds until its check first passed via exec
+    idle: dict[str, Idle] = field(default_factory=dict)  # agent service -> its memory
+
+
+def mib(text: str) -> float:
+    """``40.5MiB`` (as `docker stats` prints it) in MiB."""
+    number = text.rstrip("BKMGikb")
+    return float(number) * UNITS[text[len(number):]]
+
+
+def idle_memory(ids: dict[str, str]) -> dict[str, Idle]:
+    """Each agent container's memory as `docker stats` shows it, and its process's (PID 1:
+    the images run no init) resident and anonymous memory, read inside the container."""
+    stats = sh(["docker", "stats", "--no-stream", "--format", "{{.ID}}\t{{.MemUsage}}",
+                *ids.values()]).stdout
+    usage = {line.split("\t")[0]: mib(line.split("\t")[1].split(" / ")[0])
+             for line in stats.splitlines() if "\t" in line}
+    found: dict[str, Idle] = {}
+    for svc, cid in ids.items():
+        rollup = sh(["docker", "exec", cid, "cat", "/proc/1/smaps_rollup"]).stdout
+        fields = {k.strip(): int(v.split()[0]) for k, v in
+                  (line.split(":", 1) for line in rollup.splitlines()[1:] if ":" in line)}
+        short = next(k for k in usage if cid.startswith(k))
+        found[svc] = Idle(usage[short], fields["Rss"] / 1024, fields["Anonymous"] / 1024)
+    return found
 
 
 def compose_once(tmp: Path, compose: Path) -> ComposeRun:
@@ -289,7 +330,10 @@ def compose_once(tmp: Path, compose: Path) -> ComposeRun:
                 waiting = sorted(set(checks) - set(healthy))
                 raise RuntimeError(f"not healthy within {TIMEOUT_S * 2:.0f} s: {waiting}")
             time.sleep(0.5)
-        return ComposeRun(up_returned, healthy, probed)
+        time.sleep(IDLE_S)
+        agents = set(load_policy(root / "policy.yaml").agents)
+        idle = idle_memory({svc: cid for svc, cid in ids.items() if svc in agents})
+        return ComposeRun(up_returned, healthy, probed, idle)
     finally:
         sh([*base, "down", "-v", "--remove-orphans", "--timeout", "10"], timeout=300, env=env)
 
@@ -378,13 +422,39 @@ def report(up: list[Milestones], composed: list[ComposeRun], compose_note: str |
                      f"**{med([max(r.healthy.values()) for r in composed])}** |")
         lines += ["", f"`compose up -d` itself returned after "
                   f"{med([r.up_returned for r in composed])} s (median)."]
+        lines += ["", "### Idle memory per agent container", "",
+                  f"Read {IDLE_S:.0f} s after every check passed, median over the rounds, MiB. "
+                  "*Container* is `docker stats` (the container's memory less its page "
+                  "cache); *RSS* and *anonymous* are the agent process's own (PID 1) from "
+                  "`/proc/1/smaps_rollup`: RSS counts the library pages every container of "
+                  "the same image shares, anonymous only what this process holds alone.", "",
+                  "| Agent | container MiB | RSS MiB | anonymous MiB |", "|---|---:|---:|---:|"]
+        for agent in sorted(composed[0].idle):
+            idle = [r.idle[agent] for r in composed]
+            lines.append(f"| {agent} | {med([i.container for i in idle])} | "
+                         f"{med([i.rss for i in idle])} | {med([i.anonymous for i in idle])} |")
         if compose_note:
             lines.append(f"\nNote: {compose_note}.")
     lines += ["", f"Whole run: {elapsed:.0f} s", ""]
     samples = {"mas up: all agents registered": [m.seen["all agents registered"] for m in up]}
+    targets: list[Target] = []
     if composed:
         samples["compose: all healthy"] = [max(r.healthy.values()) for r in composed]
-    return Result("\n".join(lines), samples=samples)
+        def worst_mb(kind: str) -> float:
+            worst: float = max(statistics.median(getattr(r.idle[a], kind) for r in composed)
+                               for a in composed[0].idle)
+            return worst * 2**20 / 1e6
+
+        targets = [
+            Target("`docker compose up` until all healthy (Docker), median s",
+                   statistics.median(samples["compose: all healthy"]), TARGET_HEALTHY_S,
+                   at_most=True, source="issue 5"),
+            Target("idle memory per agent container (`docker stats`), worst median MB",
+                   worst_mb("container"), TARGET_IDLE_MB, at_most=True, source="issue 5"),
+            Target("idle RSS of each agent process, shared library pages included, worst "
+                   "median MB", worst_mb("rss"), TARGET_IDLE_MB, at_most=True,
+                   source="issue 5")]
+    return Result("\n".join(lines), targets=targets, samples=samples)
 
 
 def main(argv: list[str] | None = None) -> int:
