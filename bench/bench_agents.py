@@ -16,7 +16,7 @@ mapped from files, shared by every process (and every container of the same imag
 maps them; ``docker stats`` leaves page cache out of a container's figure, so that figure
 sits near the anonymous memory rather than the RSS. The baseline is a Python process
 that only imports nats-py and holds one TLS connection to the same broker; a second
-reference process only imports the ``mas`` CLI and the runtime (pydantic, structlog, the
+reference process only imports what `mas agent run` loads and the runtime (pydantic, structlog, the
 security core...) without connecting, which separates import cost from what a running
 agent holds. Everything is stopped and
 removed at the end.
@@ -57,10 +57,11 @@ async def main():
     await asyncio.Event().wait()
 asyncio.run(main())
 """
-# What importing the CLI and the runtime costs before any connection or agent code.
+# What an agent process imports (`mas agent run`: mas.entry, the agent commands and the
+# runtime) costs before any connection or agent code.
 IMPORTS_ONLY = """
 import pathlib, sys, time
-import mas.cli, agents.runtime.service
+import mas.entry, mas.agent_cli, agents.runtime.service
 pathlib.Path(sys.argv[1]).touch()
 time.sleep(3600)
 """
@@ -146,7 +147,7 @@ def run(seconds: float, settle_s: float) -> tuple[list[Child], str]:
                      broker.tmp / "baseline.ready", broker.tmp / "baseline.log")
         base.start(env, root)
         children.append(base)
-        imports = Child("imports only (mas CLI + runtime, no connection)",
+        imports = Child("imports only (agent entry point + runtime, no connection)",
                         [sys.executable, "-c", IMPORTS_ONLY, str(broker.tmp / "imports.ready")],
                         broker.tmp / "imports.ready", broker.tmp / "imports.log")
         imports.start(env, root)
