@@ -82,11 +82,17 @@ class MessageTooLarge(BrokerError):
 def wire_size(data: bytes, headers: dict[str, str]) -> int:
     """What nats-server counts against ``max_payload``: the header block nats-py writes
     (``NATS/1.0``, one ``key: value`` line per header, a blank line) and the body."""
-    return len(data) + 12 + sum(len(k.encode()) + len(v.encode()) + 4
-                                for k, v in headers.items())
+    size = len(data) + 12
+    for k, v in headers.items():
+        # an ASCII string's length is its UTF-8 size; encode only the others
+        size += (len(k) if k.isascii() else len(k.encode())) + 4 + (
+            len(v) if v.isascii() else len(v.encode()))
+    return size
 
 
 def _bytes(payload: Payload) -> bytes:
+    if type(payload) is bytes:  # the common case, without an ABC isinstance check
+        return payload
     return payload.model_dump_json().encode() if isinstance(payload, BaseModel) else payload
 
 
@@ -195,7 +201,7 @@ class BrokerClient:
     ) -> Subscription:
         async def deliver(msg: Msg) -> None:
             with tracing.consumer(self.identity, msg.subject, msg.data, msg.headers) as span:
-                if not subj.within(msg.subject, subject):
+                if msg.subject != subject and not subj.within(msg.subject, subject):
                     # JetStream push delivery keeps the stored subject: an agent's own stream
                     # could otherwise hand us validly signed messages under any subject name.
                     log.warning("broker.subject_mismatch", identity=self.identity,

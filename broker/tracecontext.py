@@ -18,7 +18,8 @@ _VALID = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 def inject(headers: dict[str, str]) -> dict[str, str]:
     propagate.inject(headers)
     if TRACEPARENT not in headers:
-        headers[TRACEPARENT] = f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+        ids = os.urandom(24).hex()  # trace id (16 bytes) and span id (8): one read
+        headers[TRACEPARENT] = f"00-{ids[:32]}-{ids[32:]}-01"
     return headers
 
 

@@ -15,6 +15,12 @@ set: then spans go over OTLP/HTTP to that endpoint, configured by the standard
 ``OTEL_TRACES_EXPORTER=console`` prints spans instead. Nothing is sent anywhere by
 default.
 
+Cost: when no SDK tracer provider is installed (the default), no span objects are made
+at all: a producer leaves the current context as it is (what the no-op tracer's span
+would carry anyway) and a handled message only makes the sender's context current. That
+keeps tracing off the hot path of every signed request; with a provider installed every
+span is made exactly as described above.
+
 Redaction: attributes carry subjects, identities and sizes, never bodies, tokens or
 signatures. An operator who needs bodies for one identity while debugging lists it in
 ``MAS_TRACE_BODIES`` (comma-separated identities); bodies then appear, truncated, as
@@ -25,10 +31,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from types import TracebackType
 
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import (
+    Link,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 
 TRACER_NAME = "mas.broker"
 BODIES_ENV = "MAS_TRACE_BODIES"
@@ -51,8 +66,18 @@ _configured = False
 
 def bodies_allowed(identity: str) -> bool:
     """True only when the operator listed ``identity`` in ``MAS_TRACE_BODIES``."""
-    listed = {n.strip() for n in os.environ.get(BODIES_ENV, "").split(",") if n.strip()}
-    return identity in listed
+    return identity in _listed(os.environ.get(BODIES_ENV, ""))
+
+
+_listed_cache: tuple[str, frozenset[str]] = ("", frozenset())
+
+
+def _listed(raw: str) -> frozenset[str]:
+    """The identities in ``MAS_TRACE_BODIES``, parsed again only when the variable changes."""
+    global _listed_cache
+    if raw != _listed_cache[0]:
+        _listed_cache = (raw, frozenset(n.strip() for n in raw.split(",") if n.strip()))
+    return _listed_cache[1]
 
 
 def export_wanted(env: Mapping[str, str] | None = None) -> str | None:
@@ -105,8 +130,40 @@ def setup(identity: str) -> bool:
     return True
 
 
-def _tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+_NO_SDK = (ProxyTracerProvider, NoOpTracerProvider)
+_tracer_cache: tuple[object, trace.Tracer] | None = None
+
+
+def _tracer() -> trace.Tracer | None:
+    """The tracer of the installed provider, or None when no SDK provider is installed
+    (then every span would be a no-op one and none is made). Looked up on every message,
+    so a provider installed later (a test's in-memory one) takes effect at once."""
+    global _tracer_cache
+    provider = trace.get_tracer_provider()
+    if type(provider) in _NO_SDK:  # exact types: isinstance on these ABCs costs more
+        return None
+    if _tracer_cache is None or _tracer_cache[0] is not provider:
+        _tracer_cache = (provider, provider.get_tracer(TRACER_NAME))
+    return _tracer_cache[1]
+
+
+class _Remote(AbstractContextManager[Span]):
+    """Without a provider: make the sender's span context current for the handler, as
+    the no-op tracer's span would have, and restore the previous context afterwards."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        self._token = context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        context.detach(self._token)  # type: ignore[arg-type]
 
 
 def _attributes(identity: str, subject: str, operation_type: str, operation_name: str,
@@ -122,28 +179,46 @@ def _attributes(identity: str, subject: str, operation_type: str, operation_name
     return attrs
 
 
-@contextmanager
 def producer(identity: str, subject: str, data: bytes, *, operation: str = "publish",
-             temporary: bool = False) -> Iterator[Span]:
+             temporary: bool = False) -> AbstractContextManager[Span]:
     """A PRODUCER span around sending one message; headers injected inside it carry it.
     ``operation``: "publish" or "request" (both of type "send" in the conventions)."""
+    tracer = _tracer()
+    if tracer is None:
+        return nullcontext(trace.get_current_span())
+    return _producer(tracer, identity, subject, data, operation, temporary)
+
+
+@contextmanager
+def _producer(tracer: trace.Tracer, identity: str, subject: str, data: bytes, operation: str,
+              temporary: bool) -> Iterator[Span]:
     name = f"{operation} {'(reply)' if temporary else subject}"
-    with _tracer().start_as_current_span(
+    with tracer.start_as_current_span(
             name, kind=SpanKind.PRODUCER, record_exception=False,
             attributes=_attributes(identity, subject, "send", operation, data,
                                    temporary=temporary)) as span:
         yield span
 
 
-@contextmanager
 def consumer(identity: str, subject: str, data: bytes, headers: Mapping[str, str] | None, *,
-             operation: str = "process") -> Iterator[Span]:
+             operation: str = "process") -> AbstractContextManager[Span]:
     """A CONSUMER span for one received message, child of the sender's context.
 
     "process": a handled message (the sender's context becomes current for the handler,
     so whatever it sends continues the trace). "receive": a reply a request waited for;
     it stays a child of the request span and links to the responder's context.
     """
+    tracer = _tracer()
+    if tracer is None:
+        if operation == "receive":
+            return nullcontext(trace.get_current_span())
+        return _Remote(trace.get_current_span(propagate.extract(dict(headers or {}))))
+    return _consumer(tracer, identity, subject, data, headers, operation)
+
+
+@contextmanager
+def _consumer(tracer: trace.Tracer, identity: str, subject: str, data: bytes,
+              headers: Mapping[str, str] | None, operation: str) -> Iterator[Span]:
     remote = propagate.extract(dict(headers or {}))
     parent = None if operation == "receive" else remote
     links = []
@@ -151,7 +226,7 @@ def consumer(identity: str, subject: str, data: bytes, headers: Mapping[str, str
         ctx = trace.get_current_span(remote).get_span_context()
         if ctx.is_valid:
             links.append(Link(ctx))
-    with _tracer().start_as_current_span(
+    with tracer.start_as_current_span(
             f"{operation} {subject if operation == 'process' else '(reply)'}", context=parent,
             kind=SpanKind.CONSUMER, links=links, record_exception=False,
             attributes=_attributes(identity, subject, operation, operation, data,

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -41,7 +43,13 @@ H_TOKEN = "Mas-Token"  # noqa: S105 (a header name, not a secret)
 DEFAULT_WINDOW_MS = 30_000
 MAX_FUTURE_MS = 2_000
 DEFAULT_CACHE_SIZE = 100_000
-_EMPTY_SHA256 = hashlib.sha256(b"").digest()
+_EMPTY_SHA256_HEX = hashlib.sha256(b"").hexdigest().encode("ascii")
+SENDER_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+KID_PATTERN = r"^[0-9a-f]{16}$"
+TS_PATTERN = r"^(0|[1-9][0-9]{0,14})$"
+NONCE_PATTERN = r"^[A-Za-z0-9_\-]{16,32}$"
+SIG_LENGTH = 86
+MAX_TOKEN_LENGTH = 4096
 
 
 class EnvelopeHeaders(BaseModel):
@@ -49,19 +57,55 @@ class EnvelopeHeaders(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
 
-    sender: Annotated[str, Field(alias=H_SENDER, pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-    kid: Annotated[str, Field(alias=H_KID, pattern=r"^[0-9a-f]{16}$")]
-    ts: Annotated[str, Field(alias=H_TS, pattern=r"^(0|[1-9][0-9]{0,14})$")]
-    nonce: Annotated[str, Field(alias=H_NONCE, pattern=r"^[A-Za-z0-9_\-]{16,32}$")]
-    sig: Annotated[str, Field(alias=H_SIG, min_length=86, max_length=86)]
-    token: Annotated[str | None, Field(alias=H_TOKEN, min_length=1, max_length=4096)] = None
+    sender: Annotated[str, Field(alias=H_SENDER, pattern=SENDER_PATTERN)]
+    kid: Annotated[str, Field(alias=H_KID, pattern=KID_PATTERN)]
+    ts: Annotated[str, Field(alias=H_TS, pattern=TS_PATTERN)]
+    nonce: Annotated[str, Field(alias=H_NONCE, pattern=NONCE_PATTERN)]
+    sig: Annotated[str, Field(alias=H_SIG, min_length=SIG_LENGTH, max_length=SIG_LENGTH)]
+    token: Annotated[str | None, Field(alias=H_TOKEN, min_length=1,
+                                       max_length=MAX_TOKEN_LENGTH)] = None
 
     def to_headers(self) -> dict[str, str]:
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
-class VerifiedEnvelope(BaseModel):
-    model_config = ConfigDict(frozen=True)
+_FIELD_NAMES = frozenset(EnvelopeHeaders.model_fields)
+_SENDER = re.compile(SENDER_PATTERN).fullmatch
+_KID = re.compile(KID_PATTERN).fullmatch
+_TS = re.compile(TS_PATTERN).fullmatch
+_NONCE = re.compile(NONCE_PATTERN).fullmatch
+
+
+Fields = tuple[str, str, str, str, str, str | None]  # sender, kid, ts, nonce, sig, token
+
+
+def read_headers(headers: Mapping[str, str] | None) -> Fields:
+    """The envelope in ``headers``, validated exactly as ``EnvelopeHeaders`` does.
+
+    The common case (every value a plain string under its header name, nothing under a
+    field name) is checked here with the model's own patterns, without building a model
+    per message; anything else goes through pydantic, which also words the refusal.
+    Raises ``ValidationError``."""
+    if headers and _FIELD_NAMES.isdisjoint(headers):
+        sender, kid = headers.get(H_SENDER), headers.get(H_KID)
+        ts, nonce = headers.get(H_TS), headers.get(H_NONCE)
+        sig, token = headers.get(H_SIG), headers.get(H_TOKEN)
+        if (type(sender) is str and _SENDER(sender)
+                and type(kid) is str and _KID(kid)
+                and type(ts) is str and _TS(ts)
+                and type(nonce) is str and _NONCE(nonce)
+                and type(sig) is str and len(sig) == SIG_LENGTH
+                and ((token is None and H_TOKEN not in headers)
+                     or (type(token) is str and 1 <= len(token) <= MAX_TOKEN_LENGTH))):
+            return sender, kid, ts, nonce, sig, token
+    env = EnvelopeHeaders.model_validate(dict(headers or {}))
+    return env.sender, env.kid, env.ts, env.nonce, env.sig, env.token
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedEnvelope:
+    """What an envelope that verified says; made from already validated values, so a
+    plain dataclass (one per message) rather than a model that would check them again."""
 
     sender: str
     ts_ms: int
@@ -72,15 +116,16 @@ class VerifiedEnvelope(BaseModel):
 def signing_bytes(
     subject: str, payload: bytes, ts_ms: int, nonce: str, token: str | None
 ) -> bytes:
-    token_hash = hashlib.sha256(token.encode()).digest() if token else _EMPTY_SHA256
+    token_hash = (hashlib.sha256(token.encode()).hexdigest().encode("ascii") if token
+                  else _EMPTY_SHA256_HEX)
     return b"\n".join(
         (
             DOMAIN,
             subject.encode("utf-8"),
-            hashlib.sha256(payload).digest().hex().encode("ascii"),
+            hashlib.sha256(payload).hexdigest().encode("ascii"),
             str(ts_ms).encode("ascii"),
             nonce.encode("ascii"),
-            token_hash.hex().encode("ascii"),
+            token_hash,
         )
     )
 
@@ -176,25 +221,25 @@ class EnvelopeVerifier:
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None
     ) -> VerifiedEnvelope:
         try:
-            env = EnvelopeHeaders.model_validate(dict(headers or {}))
+            sender, kid, ts_text, nonce, sig_text, token = read_headers(headers)
         except ValidationError as exc:
             missing = sorted({str(e["loc"][0]) for e in exc.errors()})
             raise EnvelopeMalformed(f"envelope headers missing or invalid: {missing}") from exc
-        ring = self.senders.get(env.sender)
+        ring = self.senders.get(sender)
         if ring is None:
-            raise EnvelopeUnknownSender(f"sender {env.sender!r} is not known")
-        key = ring.get(env.kid)
+            raise EnvelopeUnknownSender(f"sender {sender!r} is not known")
+        key = ring.get(kid)
         if key is None:
-            raise EnvelopeUnknownSender(f"key {env.kid} is not trusted for {env.sender!r}")
+            raise EnvelopeUnknownSender(f"key {kid} is not trusted for {sender!r}")
         try:
-            sig = b64url_decode(env.sig)
+            sig = b64url_decode(sig_text)
         except ValueError as exc:
             raise EnvelopeMalformed("signature is not base64url") from exc
-        ts = int(env.ts)
-        if not key.verify(signing_bytes(subject, payload, ts, env.nonce, env.token), sig):
-            raise EnvelopeBadSignature(f"signature from {env.sender!r} does not match")
+        ts = int(ts_text)
+        if not key.verify(signing_bytes(subject, payload, ts, nonce, token), sig):
+            raise EnvelopeBadSignature(f"signature from {sender!r} does not match")
         now = int(time.time() * 1000)
         if now - ts > self.window_ms or ts - now > MAX_FUTURE_MS:
             raise EnvelopeStale(f"timestamp {ts} is {now - ts} ms from now")
-        self.nonces.check_and_add(env.sender, env.nonce, ts, now - self.window_ms)
-        return VerifiedEnvelope(sender=env.sender, ts_ms=ts, nonce=env.nonce, token=env.token)
+        self.nonces.check_and_add(sender, nonce, ts, now - self.window_ms)
+        return VerifiedEnvelope(sender=sender, ts_ms=ts, nonce=nonce, token=token)

@@ -39,6 +39,7 @@ MAX_TOKEN_BYTES = 4096
 DEFAULT_LIFETIME_S = 60
 MAX_LIFETIME_S = 900
 DEFAULT_LEEWAY_S = 5
+_MAX_HEADERS = 16  # parsed token headers a verifier remembers (one per issuer key in use)
 
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -175,6 +176,21 @@ class TokenVerifier:
         self.max_lifetime_s = max_lifetime_s
         self._cache_size = cache_size
         self._cache: OrderedDict[str, CapabilityClaims] = OrderedDict()
+        # A header segment names only alg, kid and typ: every token signed with one key has
+        # the same one, so its (pure, deterministic) parse is remembered, a few at most.
+        self._headers: dict[str, _Header] = {}
+
+    def _header(self, segment: str) -> _Header:
+        header = self._headers.get(segment)
+        if header is None:
+            try:
+                header = _Header.model_validate_json(_decode_segment(segment, "header"))
+            except ValidationError as exc:
+                raise TokenMalformed("token header is not a mas capability header") from exc
+            if len(self._headers) >= _MAX_HEADERS:
+                self._headers.clear()
+            self._headers[segment] = header
+        return header
 
     def _verify_signature(self, token: str) -> CapabilityClaims:
         if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or not token.isascii():
@@ -189,10 +205,7 @@ class TokenVerifier:
         if len(parts) != 3:
             raise TokenMalformed("token must have three dot-separated parts")
         header_b64, payload_b64, sig_b64 = parts
-        try:
-            header = _Header.model_validate_json(_decode_segment(header_b64, "header"))
-        except ValidationError as exc:
-            raise TokenMalformed("token header is not a mas capability header") from exc
+        header = self._header(header_b64)
         key = self.trusted.get(header.kid)
         if key is None:
             raise TokenUnknownKey(f"key {header.kid} is not trusted")
