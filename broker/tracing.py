@@ -32,9 +32,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import Token
 from types import TracebackType
 
 from opentelemetry import context, propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import (
     Link,
     NoOpTracerProvider,
@@ -155,7 +157,7 @@ class _Remote(AbstractContextManager[Span]):
 
     def __init__(self, span: Span) -> None:
         self._span = span
-        self._token: object = None
+        self._token: Token[Context] | None = None
 
     def __enter__(self) -> Span:
         self._token = context.attach(trace.set_span_in_context(self._span))
@@ -163,7 +165,8 @@ class _Remote(AbstractContextManager[Span]):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        context.detach(self._token)  # type: ignore[arg-type]
+        if self._token is not None:
+            context.detach(self._token)
 
 
 def _attributes(identity: str, subject: str, operation_type: str, operation_name: str,
@@ -212,7 +215,7 @@ def consumer(identity: str, subject: str, data: bytes, headers: Mapping[str, str
     if tracer is None:
         if operation == "receive":
             return nullcontext(trace.get_current_span())
-        return _Remote(trace.get_current_span(propagate.extract(dict(headers or {}))))
+        return _Remote(trace.get_current_span(propagate.extract(headers or {})))
     return _consumer(tracer, identity, subject, data, headers, operation)
 
 
