@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from security.encoding import b64url_encode
 from security.envelope import (
@@ -17,9 +19,11 @@ from security.envelope import (
     H_SIG,
     H_TOKEN,
     H_TS,
+    EnvelopeHeaders,
     EnvelopeSigner,
     EnvelopeVerifier,
     NonceCache,
+    read_headers,
 )
 from security.errors import (
     EnvelopeBadSignature,
@@ -372,6 +376,47 @@ def test_mutated_real_headers_only_raise_envelope_errors(
     assert payload == PAYLOAD
     assert env.sender == "alice"
     assert env.token == headers[H_TOKEN]
+
+
+# Each real header kept, dropped or pushed just past its rule; other values on top.
+MUTATIONS: dict[str, Callable[[str], object]] = {
+    "keep": lambda v: v, "drop": lambda v: None, "cut": lambda v: v[:-1],
+    "grow": lambda v: v + v[-1], "newline": lambda v: v + "\n", "space": lambda v: " " + v,
+    "upper": str.upper, "bytes": str.encode, "number": len, "zero": lambda v: "0" + v,
+    "long": lambda v: v * 60}
+edge_values = st.one_of(
+    header_values,
+    st.sampled_from(["", "0", "00", "01", "1" * 15, "1" * 16, "-1", "\u0661", "a" * 32,
+                     "a" * 33, "A" * 86, "t" * 4096, "t" * 4097, "0123456789abcdef"]),
+    st.binary(max_size=8), st.integers(), st.none())
+field_names = st.sampled_from([*ALL_HEADERS, "sender", "kid", "ts", "nonce", "sig", "token"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.fixed_dictionaries({h: st.sampled_from(sorted(MUTATIONS)) for h in ALL_HEADERS}),
+       st.dictionaries(field_names, edge_values, max_size=2))
+def test_fast_header_check_agrees_with_the_model(
+    mutations: dict[str, str], overrides: dict[str, object]
+) -> None:
+    """read_headers skips building a model for ordinary headers; it must accept exactly
+    what EnvelopeHeaders accepts, with the same values, and refuse the rest alike."""
+    sealed = EnvelopeSigner("alice", ALICE).seal(SUBJECT, PAYLOAD, token=TOKEN)
+    headers: dict[str, object] = {}
+    for name, value in sealed.items():
+        changed = MUTATIONS[mutations.get(name, "keep")](value)
+        if changed is not None:
+            headers[name] = changed
+    headers.update(overrides)
+    try:
+        env = EnvelopeHeaders.model_validate(headers)
+        expected: object = (env.sender, env.kid, env.ts, env.nonce, env.sig, env.token)
+    except ValidationError:
+        expected = "refused"
+    try:
+        got: object = read_headers(headers)  # type: ignore[arg-type]  # what a peer may send
+    except ValidationError:
+        got = "refused"
+    assert got == expected, headers
 
 
 def test_future_timestamps_beyond_two_seconds_are_stale(
