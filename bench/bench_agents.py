@@ -2,7 +2,7 @@
 
 Run from the project root::
 
-    python -m bench.bench_agents [--seconds 10] [--out bench/results/agents.md]
+    python -m bench.bench_agents [--seconds 10] [--out FILE.md]
 
 One real nats-server (mutual TLS, nkeys, the compiled config) from a throwaway copy of
 ``policy.yaml``; the orchestrator (``mas orchestrator run``) so the agents' registration
