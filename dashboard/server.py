@@ -139,7 +139,11 @@ class DashboardServer:
                 await self.stop()
                 raise BrokerError(f"the dashboard did not start on {self.url}")
             await asyncio.sleep(0.05)
-        log.info("dashboard.ready", url=self.url, secret_file=str(secret.path),
+        # in its container the address it listens on is not one to open: compose publishes
+        # the port on the host's loopback, which `mas dashboard --url` prints there
+        where = ({"port": self.port, "published": "host loopback (compose)"}
+                 if self.host == CONTAINER_HOST else {"url": self.url})
+        log.info("dashboard.ready", **where, secret_file=str(secret.path),
                  secret_created=secret.created)
 
     def _bind(self) -> socket.socket:

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from dashboard.login import ensure_secret
 from dashboard.server import (
+    CONTAINER_HOST,
     DEFAULT_HOST,
     DashboardServer,
     check_loopback,
@@ -76,6 +77,11 @@ def run(
                              port=port or default_port(), monitor=monitor or monitor_url(project))
 
     def ready() -> None:
+        if server.host == CONTAINER_HOST:  # the address inside is not the one to open
+            out.print(f"dashboard listening on port {server.port} in its container; compose "
+                      "publishes it on the host's 127.0.0.1 only: `mas dashboard --url` on "
+                      "the host prints the address and login secret")
+            return
         out.print(f"dashboard at {server.url} (log in with the secret `mas dashboard --url` "
                   "prints); Ctrl-C stops it")
 

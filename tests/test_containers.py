@@ -731,6 +731,14 @@ def test_compose_logs_show_the_agents_json_lines(stack: Stack, agent: str) -> No
     assert all(r.get("identity", agent) == agent for r in records)
 
 
+def test_dashboard_log_points_to_the_host_not_its_own_address(stack: Stack) -> None:
+    """Inside its container the dashboard listens on every interface; the line it logs must
+    not send the operator to 0.0.0.0 but to the host's loopback, where compose publishes it."""
+    logs = stack.compose("logs", "--no-log-prefix", "--no-color", "dashboard").stdout
+    assert "listening on port 8765 in its container" in logs, logs[-2000:]
+    assert "0.0.0.0" not in logs, logs[-2000:]  # noqa: S104 (a string looked for)
+
+
 # --- the scoped tier: one LAN host, through the proxy only ----------------------------------------
 
 
