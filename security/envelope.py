@@ -84,7 +84,8 @@ def read_headers(headers: Mapping[str, str] | None) -> Fields:
 
     The common case (every value a plain string under its header name, nothing under a
     field name) is checked here with the model's own patterns, without building a model
-    per message; anything else goes through pydantic, which also words the refusal.
+    per message (signature and token in ASCII, as every signer makes them); anything else
+    goes through pydantic, which also words the refusal.
     Raises ``ValidationError``."""
     if headers and _FIELD_NAMES.isdisjoint(headers):
         sender, kid = headers.get(H_SENDER), headers.get(H_KID)
@@ -94,9 +95,10 @@ def read_headers(headers: Mapping[str, str] | None) -> Fields:
                 and type(kid) is str and _KID(kid)
                 and type(ts) is str and _TS(ts)
                 and type(nonce) is str and _NONCE(nonce)
-                and type(sig) is str and len(sig) == SIG_LENGTH
+                and type(sig) is str and len(sig) == SIG_LENGTH and sig.isascii()
                 and ((token is None and H_TOKEN not in headers)
-                     or (type(token) is str and 1 <= len(token) <= MAX_TOKEN_LENGTH))):
+                     or (type(token) is str and 1 <= len(token) <= MAX_TOKEN_LENGTH
+                         and token.isascii()))):
             return sender, kid, ts, nonce, sig, token
     env = EnvelopeHeaders.model_validate(dict(headers or {}))
     return env.sender, env.kid, env.ts, env.nonce, env.sig, env.token
