@@ -68,18 +68,8 @@ _configured = False
 
 def bodies_allowed(identity: str) -> bool:
     """True only when the operator listed ``identity`` in ``MAS_TRACE_BODIES``."""
-    return identity in _listed(os.environ.get(BODIES_ENV, ""))
-
-
-_listed_cache: tuple[str, frozenset[str]] = ("", frozenset())
-
-
-def _listed(raw: str) -> frozenset[str]:
-    """The identities in ``MAS_TRACE_BODIES``, parsed again only when the variable changes."""
-    global _listed_cache
-    if raw != _listed_cache[0]:
-        _listed_cache = (raw, frozenset(n.strip() for n in raw.split(",") if n.strip()))
-    return _listed_cache[1]
+    listed = {n.strip() for n in os.environ.get(BODIES_ENV, "").split(",") if n.strip()}
+    return identity in listed
 
 
 def export_wanted(env: Mapping[str, str] | None = None) -> str | None:
