@@ -101,7 +101,11 @@ async def consumer_state(orch: Orchestrator) -> tuple[int, int]:
 
 
 async def drained(orch: Orchestrator) -> None:
-    deadline = asyncio.get_running_loop().time() + 20
+    """Every record delivered and acknowledged. Now and then (about one run in five of the
+    burst test, already at e6b527a) one delivery is never acknowledged by the agent that
+    got it; the server hands the record out again after the ack wait, which is the
+    guarantee the agent runtime relies on, so that is how long this may take."""
+    deadline = asyncio.get_running_loop().time() + subj.AUDIT_ACK_WAIT_S + 20
     while await consumer_state(orch) != (0, 0):
         assert asyncio.get_running_loop().time() < deadline, await consumer_state(orch)
         await asyncio.sleep(0.05)
